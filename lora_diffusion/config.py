@@ -89,6 +89,8 @@ class WeightLoRAConfig(_Section):
 
 class AdaptersConfig(_Section):
     bottleneck: int = Field(64, gt=0, description="Houlsby bottleneck width")
+    # Houlsby et al. also train the layer norms of every layer; off = only the adapters train.
+    train_layernorm: bool = True
 
 
 class PrefixTuningConfig(_Section):
@@ -141,6 +143,12 @@ class TaskConfig(_Section):
     seed: int = 0
     train_split: str = "train"
     eval_split: str = "validation"
+    # Target span length in tokens (target + [SEP] + [PAD]s); None = the task's default
+    # (sst2 4, squad 32, xsum 64). Longer targets are cut with a counted warning.
+    target_budget: int | None = Field(None, ge=2, description="target span tokens (None = task default)")
+    # Where `datasets` keeps the loaded Arrow files and the tokenisation cache (None = its default,
+    # ~/.cache/huggingface/datasets or $HF_DATASETS_CACHE). Point it at scratch on a cluster.
+    cache_dir: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -192,6 +200,15 @@ class SamplingConfig(_Section):
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     block_length: int = Field(0, ge=0, description="semi-autoregressive block size (0 = whole span)")
     seed: int = 0
+    # t values at which evaluation measures token-level denoising accuracy (one pass, masked targets).
+    denoise_t: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])
+
+    @field_validator("denoise_t")
+    @classmethod
+    def _t_range(cls, v: list[float]) -> list[float]:
+        if not v or not all(0.0 < x <= 1.0 for x in v):
+            raise ValueError(f"got {v!r}; needs at least one t, each in (0, 1]")
+        return v
 
 
 # --------------------------------------------------------------------------- tracking
