@@ -1,0 +1,102 @@
+"""Evaluate an adapted denoiser on a task split: generate the targets, score them.
+
+    metrics, predictions = evaluate(adaptation, tokenizer, cfg)                  # cfg.task.eval_split
+    metrics, predictions = evaluate(adaptation, tokenizer, cfg, split="train", limit=200)
+
+`metrics` has flat names WITHOUT the `eval_` prefix (callers add it): the task's metrics
+(sst2: accuracy, non_label_rate, non_label_count; squad: exact_match, f1; xsum: rouge1, rouge2,
+rougeL, rougeLsum, bleu), the token-level denoising accuracy (`denoise_acc` and
+`denoise_acc_t<100 t>` for each t in sampling.denoise_t) and `n_examples`. Scores are percentages.
+`predictions` holds one dict per example: index, instruction, input, reference, references, prediction.
+
+Generation follows cfg.sampling (see sampling.py) with one generator seeded by sampling.seed,
+so the same adapter, data and config give the same predictions. Runs under torch.no_grad in eval
+mode (the module's previous mode is restored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from lora_diffusion.data import collator_for, make_dataset
+from lora_diffusion.metrics import denoising_accuracy
+from lora_diffusion.sampling import decode_targets, generate
+
+
+def _device(module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def evaluate(adaptation, tokenizer, cfg, split: str | None = None, limit: int | None = None,
+             batch_size: int | None = None) -> tuple[dict[str, float], list[dict]]:
+    """(metrics, predictions) of `adaptation` on `split` (default cfg.task.eval_split), first `limit` examples."""
+    split = split or cfg.task.eval_split
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit: got {limit}; must be > 0")
+    ds = make_dataset(cfg, tokenizer, split)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    bs = batch_size or cfg.train.eval_batch_size
+    collate = collator_for(cfg, tokenizer)
+    mask_id = tokenizer.mask_token_id
+    device = _device(adaptation)
+
+    cpu_batches = [collate([ds[i] for i in range(start, min(start + bs, n))]) for start in range(0, n, bs)]
+
+    def batches():
+        for batch in cpu_batches:
+            yield {k: v.to(device) for k, v in batch.items()}
+
+    was_training = adaptation.training
+    adaptation.eval()
+    try:
+        with torch.no_grad():
+            generator = torch.Generator(device=device).manual_seed(cfg.sampling.seed)
+            texts: list[str] = []
+            for batch in batches():
+                out = generate(adaptation, batch, cfg.sampling, mask_id, diffusion_cfg=cfg.diffusion, generator=generator)
+                texts.extend(decode_targets(tokenizer, out.cpu(), batch["target_mask"].cpu()))
+            denoise = denoising_accuracy(adaptation, batches(), cfg.sampling.denoise_t, mask_id,
+                                         schedule=cfg.diffusion.schedule, seed=cfg.sampling.seed)
+    finally:
+        adaptation.train(was_training)
+
+    task = ds.task
+    predictions, references = [], []
+    for i, text in enumerate(texts):
+        ex = ds.example(i)
+        refs = task.references(ex)
+        references.append(refs)
+        predictions.append({
+            "index": int(ex["index"]), "instruction": task.instruction(ex), "input": task.input_text(ex),
+            "reference": refs[0], "references": refs, "prediction": text,
+        })
+    metrics = {**task.compute_metrics(texts, references), **denoise, "n_examples": float(n)}
+    return metrics, predictions
+
+
+def write_eval_outputs(folder: str | os.PathLike, metrics: dict, predictions: list[dict]) -> tuple[Path, Path]:
+    """Write `metrics.json` and `predictions.jsonl` (one JSON object per line) into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    m, p = folder / "metrics.json", folder / "predictions.jsonl"
+    m.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    with p.open("w", encoding="utf-8") as f:
+        for row in predictions:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return m, p
+
+
+def format_table(metrics: dict[str, float], title: str = "") -> str:
+    """A short two-column text table of the metrics."""
+    width = max((len(k) for k in metrics), default=6)
+    lines = [title] if title else []
+    lines.append(f"{'metric':<{width}}  value")
+    lines.append(f"{'-' * width}  {'-' * 9}")
+    for k, v in metrics.items():
+        lines.append(f"{k:<{width}}  {v:9.2f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return "\n".join(lines)
