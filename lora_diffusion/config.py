@@ -185,7 +185,16 @@ class TrainConfig(_Section):
     torch_threads: int | None = Field(None, ge=1, description="None = cpus_per_worker")
     max_failures: int = Field(0, ge=-1)
     output_dir: str = "outputs"
+    # Testing hook: raise at this step, once (a run resumed from a checkpoint goes past it).
     fail_at_step: int | None = Field(None, description="testing hook: raise at this step")
+    # Testing hook: make the loss NaN at this step (the run must stop with a clear error, FAILED in MLflow).
+    inject_nan_at_step: int | None = Field(None, gt=0, description="testing hook: NaN loss at this step")
+    # Validation denoising loss every N steps (such a step is also a report; 0 = off), on the first
+    # `val_examples` examples of task.eval_split with fixed noise: metrics val_loss, val_denoise_acc.
+    eval_every: int = Field(0, ge=0, description="steps between val_loss measurements (0 = off)")
+    val_examples: int = Field(256, gt=0, description="validation examples for val_loss")
+    # Checkpoints Ray keeps per run (the most recent ones); None keeps all.
+    keep_checkpoints: int | None = Field(2, gt=0, description="checkpoints kept per run (None = all)")
 
 
 # --------------------------------------------------------------------------- sampling
