@@ -1,0 +1,437 @@
+"""Benchmarks: `python -m lora_diffusion.bench <suite> [--quick | --smoke] [--device cuda] [--out DIR]`.
+
+Suites (one file each, `lora_diffusion/bench_<suite>.py`):
+
+    step     train-step time, peak memory, parameters and adapter size of every method,
+             against the frozen base's forward (the floor) and weight LoRA
+    sample   generation time per example with and without the adapter (greedy / low-confidence)
+    ray      the training loop plainly vs inside Ray Train; Tune's per-trial overhead
+    asha     the same sweep with and without ASHA: trained steps and best objective
+    quality  real SST-2: every method, same budget, 3 seeds: accuracy, denoising accuracy, trainable %
+
+Sizes: `--smoke` (seconds, for CI), `--quick` (minutes on 2 CPU cores), neither = full (a GPU).
+`--smoke` wins when both are given. Every suite measures ratios inside one run on one machine:
+absolute times vary between machines and runs, so compare ratios, and rerun the suite rather
+than mixing numbers from different runs.
+
+Output: `<out>/<suite>.json` (machine info, settings, rows, goals with met / missed) and
+`<out>/<suite>.md` (the same as a Markdown table, also printed). Default out: `bench_results/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import json
+import math
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+SUITES = ("step", "sample", "ray", "asha", "quality")
+SIZES = ("smoke", "quick", "full")
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run as asked; the message says which input or step failed."""
+
+
+# --------------------------------------------------------------------------- machine and environment
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parents[1])
+        return out.stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001 - no git, not a checkout
+        return "unknown"
+
+
+def machine_info(device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
+    """What the numbers were measured on: CPUs, torch threads, device, versions, date, load."""
+    import torch
+
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu_count": os.cpu_count() or 0,
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0),
+        "torch_threads": int(threads if threads is not None else torch.get_num_threads()),
+        "device": device,
+        "device_name": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "git_commit": git_commit(),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else 0.0,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        info["cuda"] = torch.version.cuda or "unknown"
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BenchError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu")
+        return device
+    raise BenchError(f"--device {device!r}: allowed: cpu, cuda, cuda:<index>")
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MB (Linux /proc; psutil elsewhere)."""
+    try:
+        m = re.search(r"VmRSS:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
+        if m:
+            return int(m.group(1)) / 1024.0
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """RSS high-water mark in MB since the last `reset_peak_rss()` (else since the process started)."""
+    try:
+        m = re.search(r"VmHWM:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
+        if m:
+            return int(m.group(1)) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA's allocator peak on a GPU, the RSS high-water mark on CPU.
+
+    `baseline_mb` is what was in use when the block started (the loaded model), `peak_mb` the
+    highest point inside it, `increase_mb` the difference (activations, gradients, optimizer state).
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.cuda = device.startswith("cuda")
+        self.kind = "cuda_max_allocated" if self.cuda else "rss_high_water_mark"
+
+    def __enter__(self) -> "PeakMemory":
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_mb = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            self.reset_ok = reset_peak_rss()
+            self.baseline_mb = rss_mb()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self.peak_mb = peak_rss_mb()
+        self.increase_mb = max(0.0, self.peak_mb - self.baseline_mb)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], n: int, warmup: int, device: str = "cpu") -> list[float]:
+    """Wall seconds of `n` calls of fn after `warmup` untimed calls (synchronising a GPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else 0.5 * (s[m - 1] + s[m])
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    if not xs:
+        return float("nan"), float("nan")
+    mu = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return mu, 0.0
+    return mu, math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1))
+
+
+# --------------------------------------------------------------------------- synthetic batches
+
+
+def synthetic_batch(tokenizer, batch_size: int, seq_len: int, target_len: int, instruction_len: int = 8,
+                    seed: int = 0, device: str = "cpu") -> dict:
+    """A batch in the project's batch contract with random words, every row `seq_len` long:
+
+        [CLS] instruction [SEP] input [SEP] target tokens [SEP]     (target span = last target_len)
+
+    Speed and memory do not depend on which words are there, only on the shapes, so the step and
+    sample suites use this instead of a data set (same shapes for every method).
+    """
+    import torch
+
+    body = seq_len - target_len - 3
+    if target_len < 2 or instruction_len < 1 or body - instruction_len < 1:
+        raise BenchError(f"sequence {seq_len} too short for instruction {instruction_len} + target {target_len} + 3 specials")
+    vocab = len(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    low = 1000 if vocab > 5000 else max(special) + 1  # BERT vocabularies: skip [unused*] rows
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randint(low, vocab, (batch_size, seq_len), generator=g)
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    ids = words.clone()
+    ids[:, 0] = cls
+    ids[:, 1 + instruction_len] = sep
+    t0 = seq_len - target_len
+    ids[:, t0 - 1] = sep
+    ids[:, -1] = sep
+    positions = torch.arange(seq_len)
+    instruction = (positions >= 1) & (positions <= instruction_len)
+    target = positions >= t0
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=device),
+        "target_mask": target.expand(batch_size, seq_len).clone().to(device),
+        "instruction_mask": instruction.expand(batch_size, seq_len).clone().to(device),
+        "index": torch.arange(batch_size, device=device),
+    }
+
+
+# --------------------------------------------------------------------------- goals
+
+
+def goal(name: str, measured: float, target: float, op: str = "<=", note: str = "") -> dict[str, Any]:
+    """One goal of the issue with the measured figure and whether it was met."""
+    if op not in ("<=", ">="):
+        raise ValueError(f"goal op {op!r}: allowed <=, >=")
+    ok = bool(math.isfinite(measured) and (measured <= target if op == "<=" else measured >= target))
+    g = {"goal": name, "op": op, "target": target, "measured": measured, "met": ok}
+    if note:
+        g["note"] = note
+    return g
+
+
+# --------------------------------------------------------------------------- isolated runs
+
+
+def run_isolated(func: str, spec: dict[str, Any], timeout: float = 1800.0, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `module:function(spec) -> dict` in a fresh Python process and return its dict.
+
+    Used so that each measurement has its own memory high-water mark and its own threads. The
+    child runs in its own process group, which is killed (by its id) on timeout.
+    """
+    with tempfile.TemporaryDirectory(prefix="lora_diffusion_bench_") as tmp:
+        spec_file, out_file = Path(tmp, "spec.json"), Path(tmp, "out.json")
+        spec_file.write_text(json.dumps(spec))
+        cmd = [sys.executable, "-m", "lora_diffusion.bench", "_worker", func, str(spec_file), str(out_file)]
+        full_env = {**os.environ, **(env or {})}
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                                start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            raise BenchError(f"{func} timed out after {timeout:.0f} s; last output:\n{output[-3000:]}") from None
+        if proc.returncode != 0 or not out_file.is_file():
+            raise BenchError(f"{func} failed (exit {proc.returncode}); last output:\n{output[-3000:]}")
+        return json.loads(out_file.read_text())
+
+
+def _worker(func: str, spec_file: str, out_file: str) -> None:
+    module, name = func.split(":")
+    fn = getattr(importlib.import_module(module), name)
+    result = fn(json.loads(Path(spec_file).read_text()))
+    Path(out_file).write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------- output
+
+
+def fmt(v: Any) -> str:
+    """Numbers for tables: thousands separators, about three significant digits."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        a = abs(v)
+        if not math.isfinite(v):
+            return str(v)
+        if a == 0:
+            return "0"
+        if a >= 100:
+            return f"{v:,.0f}"
+        if a >= 10:
+            return f"{v:.1f}"
+        if a >= 1:
+            return f"{v:.2f}"
+        if a >= 0.001:
+            return f"{v:.3f}"
+        return f"{v:.2g}"
+    return str(v)
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """A Markdown table of `rows` with (key, header) columns."""
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "| " + " | ".join("---" for _ in columns) + " |"
+    body = ["| " + " | ".join(fmt(r.get(k, "")) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def goals_table(goals: list[dict[str, Any]]) -> str:
+    rows = [{**g, "target": f"{g['op']} {fmt(g['target'])}", "status": "met" if g["met"] else "MISSED"} for g in goals]
+    return table(rows, [("goal", "goal"), ("target", "target"), ("measured", "measured"), ("status", "status")])
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    dev = m["device"] if m["device"] == "cpu" else f"{m['device']} ({m['device_name']})"
+    return (f"{m['date']} · {m['cpu_count']} CPUs ({m['cpus_usable']} usable) · torch {m['torch']} · "
+            f"{m['torch_threads']} torch threads · device {dev} · load {m['load_avg_1m']} · commit {m['git_commit']}")
+
+
+def check_finite(obj: Any, path: str = "") -> list[str]:
+    """Paths of every non-finite float in a result (NaN/inf are reported, never hidden)."""
+    bad: list[str] = []
+    if isinstance(obj, float) and not math.isfinite(obj):
+        bad.append(path or "<root>")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            bad += check_finite(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            bad += check_finite(v, f"{path}[{i}]")
+    return bad
+
+
+def write_result(result: dict[str, Any], markdown: str, out_dir: str | os.PathLike, suite: str) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{suite}.json", out / f"{suite}.md"
+    json_path.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
+    md_path.write_text(markdown + "\n")
+    return json_path, md_path
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lora_diffusion.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    for suite in SUITES:
+        try:  # DEV-ONLY guard, removed once every suite exists
+            mod = importlib.import_module(f"lora_diffusion.bench_{suite}")
+        except ModuleNotFoundError:
+            continue
+        sp = sub.add_parser(suite, help=mod.__doc__.split("\n")[0], description=mod.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
+        sp.add_argument("--smoke", action="store_true", help="seconds, for CI (wins over --quick)")
+        sp.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:<index>")
+        sp.add_argument("--threads", type=int, default=None, help="torch threads (default: the size's preset)")
+        sp.add_argument("--out", default="bench_results", help="folder for <suite>.json and <suite>.md")
+        mod.add_arguments(sp)
+    return p
+
+
+def size_of(args: argparse.Namespace) -> str:
+    return "smoke" if args.smoke else "quick" if args.quick else "full"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "_worker":
+        _worker(*argv[1:4])
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    mod = importlib.import_module(f"lora_diffusion.bench_{args.suite}")
+    try:
+        args.device = check_device(args.device)
+        if args.threads is not None and args.threads < 1:
+            raise BenchError(f"--threads {args.threads}: must be >= 1")
+        t0 = time.perf_counter()
+        result = mod.run(args, size_of(args))
+        result["wall_s"] = time.perf_counter() - t0
+    except BenchError as e:
+        print(f"bench {args.suite}: {e}", file=sys.stderr)
+        return 2
+    result = {"suite": args.suite, "size": size_of(args), "command": "python -m lora_diffusion.bench " + " ".join(argv), **result}
+    bad = check_finite(result)
+    result["non_finite"] = bad
+    md = mod.markdown(result)
+    md += f"\n\nCommand: `{result['command']}` ({result['wall_s']:.0f} s)\n"
+    if bad:
+        md += f"\nNon-finite values: {', '.join(bad)}\n"
+    json_path, md_path = write_result(result, md, args.out, args.suite)
+    print(md)
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
