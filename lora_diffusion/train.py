@@ -1,0 +1,655 @@
+"""Fine-tune one adaptation method on one task: the training loop, on Ray Train or in a plain process.
+
+    python -m lora_diffusion.train --config lora_diffusion/configs/sst2_minilm.yaml train.max_steps=200
+    python -m lora_diffusion.train --config FILE --resume-from outputs/<run>/checkpoint_0000100
+
+`train_loop(loop_config, reporter)` reads top to bottom: config -> seeds -> base + method -> data
+-> model (DDP over what trains) -> AdamW + cosine schedule -> steps (grad accumulation,
+clipping, mixed precision) -> every `train.report_every` steps a report + checkpoint -> final
+evaluation. `reporter` (see reporting.py) decides where reports and checkpoints go: Ray Train,
+Ray Tune or a plain list and folder. The command runs it on a local Ray cluster (or
+$RAY_ADDRESS) with `TorchTrainer`, after checking the config, the data, the base and the
+MLflow store.
+
+`loop_config` = {"config": Config.to_dict(), "mlflow": None | {"tracking_uri", "experiment",
+"run_id" (log into this run; its creator ends it) | "parent_run_id" (create a nested child run,
+ended here), "run_name", "tags"}, "resume_from": checkpoint folder | None, "trial_name": str | None}.
+
+Testing hooks (config): `train.fail_at_step=N` raises at step N of a run that did not start from
+a checkpoint (so a restarted run gets past it); `train.inject_nan_at_step=N` makes the loss NaN
+at step N, which stops the run with a clear error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_diffusion.checkpoint import load_checkpoint, read_train_state, save_checkpoint
+from lora_diffusion.config import Config, ConfigError, config_from_dict, load_config
+from lora_diffusion.diffusion import diffusion_step_loss
+
+PHASE_METRICS = ("ce_early", "ce_mid", "ce_late")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradient became NaN or infinite; training stops (raised on every rank)."""
+
+
+# --------------------------------------------------------------------------- pieces of the loop
+
+
+class DiffusionObjective(nn.Module):
+    """loss = masked-diffusion loss + the method's regularisers, as one module so that DDP sees both."""
+
+    def __init__(self, adaptation, diffusion_cfg, mask_id: int, b1b2: tuple[float, float]):
+        super().__init__()
+        self.adaptation = adaptation
+        self.diffusion_cfg = diffusion_cfg
+        self.mask_id = mask_id
+        self.b1b2 = b1b2
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
+        denoise, stats = diffusion_step_loss(self.adaptation, batch, self.diffusion_cfg, self.mask_id, generator, self.b1b2)
+        reg = self.adaptation.regularization_loss()
+        return denoise + reg, stats
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (seeded shuffle per epoch) that can start an epoch part-way (`skip` indices)."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.skip:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.skip)
+
+
+def micro_batches(loader, sampler: ResumableSampler, position: dict[str, int], batch_size: int):
+    """Endless stream of batches; `position` = {"epoch", "batch"} counts what has been handed out."""
+    while True:
+        sampler.set_epoch(position["epoch"])
+        sampler.skip = position["batch"] * batch_size
+        for batch in loader:
+            position["batch"] += 1
+            yield batch
+        position["epoch"] += 1
+        position["batch"] = 0
+
+
+def cosine_with_warmup(warmup_steps: int, max_steps: int):
+    """lr multiplier: linear warm-up to 1 over `warmup_steps`, then cosine decay to 0 at `max_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the noise (t, masks) and dropout of one optimizer step on one rank: resumable by step alone."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1)
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def progress_line(m: dict[str, Any], max_steps: int) -> str:
+    parts = [f"step {m['step']}/{max_steps}", f"epoch {m['epoch']}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
+             f"{m['samples_per_s']:.1f} samples/s", f"{m['tokens_per_s']:.0f} tok/s", f"mem {m['peak_mem_mb']:.0f}MB"]
+    if "val_loss" in m:
+        parts.append(f"val_loss {m['val_loss']:.4f}")
+    parts += [f"{k} {v:.4g}" for k, v in m.items() if k.startswith("eval_")]
+    return "[train] " + " | ".join(parts)
+
+
+def _say(line: str) -> None:
+    """One progress line on stdout (not print: Ray Train's patched print would show it twice)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _trainer_device(cfg: Config, reporter) -> torch.device:
+    if reporter.under_ray and getattr(reporter, "trial_id", None) is None:  # a Ray Train worker
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    if cfg.train.gpus_per_worker > 0 and torch.cuda.is_available():
+        return torch.device("cuda", reporter.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision: got 'fp16'; fp16 with a grad scaler needs a GPU (train.gpus_per_worker > 0); "
+                          "use 'bf16' or 'fp32' on CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision: got 'bf16'; this GPU does not support bf16; use 'fp16' or 'fp32'")
+
+
+def _start_tracking(mlcfg: dict | None, cfg: Config, rank: int, reporter, trial_name: str | None):
+    """Rank 0's RunTracker for `loop_config["mlflow"]` (None when there is no tracking or rank > 0)."""
+    if not mlcfg or rank != 0:
+        return None
+    from lora_diffusion.tracking import RunTracker, run_tags
+
+    run_id = mlcfg.get("run_id")
+    tags = dict(mlcfg.get("tags") or {})
+    if reporter.trial_id:
+        tags.setdefault("ray_trial_id", reporter.trial_id)
+    if run_id is None:
+        tags = {**run_tags(cfg, tags.pop("run_type", "trial" if mlcfg.get("parent_run_id") else "train")), **tags}
+    tracker = RunTracker.start(mlcfg["tracking_uri"], mlcfg.get("experiment") or cfg.tracking.experiment, run_id=run_id,
+                               parent_run_id=mlcfg.get("parent_run_id"),
+                               run_name=mlcfg.get("run_name") or trial_name or cfg.tracking.run_name, tags=tags)
+    if run_id is None:
+        tracker.log_params(cfg.flat())
+    return tracker
+
+
+@torch.no_grad()
+def validation_loss(adaptation, loader, cfg: Config, mask_id: int, device: torch.device, b1b2) -> dict[str, float]:
+    """Denoising loss and masked-token accuracy on a fixed validation subset with fixed noise (comparable across steps)."""
+    was_training = adaptation.training
+    adaptation.eval()
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 12_345)
+    loss_sum = acc_sum = n = 0.0
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast_for(cfg.train.precision, device):
+            loss, stats = diffusion_step_loss(adaptation, batch, cfg.diffusion, mask_id, gen, b1b2)
+        rows = batch["input_ids"].shape[0]
+        loss_sum += float(loss) * rows
+        acc_sum += float(stats["accuracy_masked"]) * rows
+        n += rows
+    adaptation.train(was_training)
+    return {"val_loss": loss_sum / max(n, 1), "val_denoise_acc": acc_sum / max(n, 1)}
+
+
+def final_evaluation(adaptation, tokenizer, cfg: Config, out_dir: Path) -> dict[str, float]:
+    """Task metrics on task.eval_split (`lora_diffusion.evaluation`), written to out_dir/eval/, as eval_* metrics."""
+    from lora_diffusion.evaluation import evaluate, write_eval_outputs
+
+    metrics, predictions = evaluate(adaptation, tokenizer, cfg)
+    write_eval_outputs(out_dir / "eval", metrics, predictions)
+    return {f"eval_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_loop(loop_config: dict[str, Any], reporter) -> dict[str, Any]:
+    """Train `loop_config["config"]`; report through `reporter`; return the last reported metrics."""
+    from lora_diffusion.data import collator_for, make_dataset
+    from lora_diffusion.methods import build_method
+    from lora_diffusion.model import load_base
+
+    # -- config, threads, device ---------------------------------------------------------------
+    cfg = config_from_dict(loop_config["config"])
+    tc = cfg.train
+    rank, world = reporter.world_rank, reporter.world_size
+    torch.set_num_threads(tc.torch_threads or tc.cpus_per_worker)  # Ray set OMP_NUM_THREADS to the reserved CPUs
+    device = _trainer_device(cfg, reporter)
+    _check_precision(tc.precision, device)
+    trial_name = loop_config.get("trial_name") or reporter.run_name
+    labels = {"trial": trial_name, "task": cfg.task.name, "method": cfg.method.name}
+
+    # -- base + method (the same initial weights on every rank; DDP also broadcasts rank 0's) ---
+    torch.manual_seed(tc.seed)
+    denoiser, tokenizer = load_base(cfg.model, seed=tc.seed)
+    adaptation = build_method(cfg.method, denoiser).to(device)
+    adaptation.train()
+    counts = adaptation.param_counts()
+    mask_id = tokenizer.mask_token_id
+    b1b2 = (cfg.method.lora_diffusion.b1, cfg.method.lora_diffusion.b2)  # phase boundaries for every method's ce_*
+
+    # -- data: seeded, resumable order; each rank its own shard ---------------------------------
+    train_set = make_dataset(cfg, tokenizer, cfg.task.train_split)
+    if len(train_set) < tc.batch_size * world:
+        raise ConfigError(f"train.batch_size={tc.batch_size} x train.num_workers={world} needs at least "
+                          f"{tc.batch_size * world} training examples; {train_set.source} has {len(train_set)}")
+    collate = collator_for(cfg, tokenizer)
+    sampler = ResumableSampler(train_set, num_replicas=world, rank=rank, seed=tc.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate,
+                                         drop_last=True, num_workers=0)
+    val_loader = None
+    if tc.eval_every > 0 and rank == 0:
+        val_set = make_dataset(cfg, tokenizer, cfg.task.eval_split)
+        val_set = torch.utils.data.Subset(val_set, range(min(tc.val_examples, len(val_set))))
+        val_loader = torch.utils.data.DataLoader(val_set, batch_size=tc.eval_batch_size, collate_fn=collate)
+    if reporter.under_ray and world > 1:
+        import ray.train.torch
+
+        loader = ray.train.torch.prepare_data_loader(loader)  # keeps our DistributedSampler, moves batches
+
+    # -- model: DDP over exactly what trains ----------------------------------------------------
+    objective = DiffusionObjective(adaptation, cfg.diffusion, mask_id, b1b2)
+    model: nn.Module = objective
+    if world > 1:
+        import ray.train.torch
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if adaptation.frozen_base_forward:  # the base runs without a graph: keep it out of DDP entirely
+            frozen = [f"adaptation.denoiser.{n}" for n, _ in denoiser.named_parameters()]
+            frozen += [f"adaptation.denoiser.{n}" for n, _ in denoiser.named_buffers()]
+            DDP._set_params_and_buffers_to_ignore_for_model(objective, frozen)
+        # find_unused_parameters: a batch may hold no timestep of some phase, so that bank gets no gradient
+        model = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": True})
+    named = adaptation.trainable_named_parameters()
+    param_names = [n for n, _ in named]
+    params = [p for _, p in named]
+
+    # -- optimizer, schedule, scaler -------------------------------------------------------------
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(tc.warmup_steps, tc.max_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
+
+    # -- resume: Ray's restored checkpoint first, then --resume-from ---------------------------
+    position = {"step": 0, "epoch": 0, "batch": 0}
+    resume_dir = reporter.get_checkpoint() or loop_config.get("resume_from")
+    resumed = resume_dir is not None
+    if resumed:
+        saved = load_checkpoint(resume_dir, adaptation, optimizer, scheduler, scaler, param_names)
+        position = {k: int(saved[k]) for k in ("step", "epoch", "batch")}
+        if rank == 0:
+            _say(f"[train] resumed from {resume_dir} at step {position['step']}")
+
+    tracker = _start_tracking(loop_config.get("mlflow"), cfg, rank, reporter, trial_name)
+    try:
+        last = _run_steps(cfg, reporter, model, objective, adaptation, tokenizer, loader, sampler, val_loader,
+                          optimizer, scheduler, scaler, params, param_names, position, resumed, device, mask_id,
+                          b1b2, counts, labels, tracker)
+    except BaseException as e:
+        if tracker is not None and tracker.owned:  # a run given by id is ended (and tagged) by its creator
+            from lora_diffusion.tracking import error_text
+
+            tracker.end("FAILED", error=error_text(e))
+        raise
+    if tracker is not None:
+        tracker.end("FINISHED")
+        last["mlflow_run_id"] = tracker.run_id
+    return last
+
+
+def _run_steps(cfg, reporter, model, objective, adaptation, tokenizer, loader, sampler, val_loader, optimizer, scheduler,
+               scaler, params, param_names, position, resumed, device, mask_id, b1b2, counts, labels, tracker):
+    tc = cfg.train
+    rank, world = reporter.world_rank, reporter.world_size
+    ddp = hasattr(model, "no_sync")
+    stream = micro_batches(loader, sampler, position, tc.batch_size)
+    window = _Window(device)
+    last: dict[str, Any] = {}
+
+    while position["step"] < tc.max_steps:
+        step = position["step"] + 1  # the step being computed (1-based)
+        if tc.fail_at_step == step and not resumed:
+            raise RuntimeError(f"train.fail_at_step={step}: injected failure (testing hook; a resumed run goes past it)")
+        torch.manual_seed(step_seed(tc.seed, rank, step) + 1)  # dropout
+        noise = torch.Generator(device=device).manual_seed(step_seed(tc.seed, rank, step))  # t and masks
+
+        optimizer.zero_grad(set_to_none=True)
+        loss_total = 0.0
+        for micro in range(tc.grad_accum):
+            batch = next(stream)
+            if not reporter.under_ray or world == 1:
+                batch = to_device(batch, device)
+            sync = contextlib.nullcontext() if not ddp or micro == tc.grad_accum - 1 else model.no_sync()
+            with sync:
+                with autocast_for(tc.precision, device):
+                    loss, stats = model(batch, noise)
+                if tc.inject_nan_at_step == step:
+                    loss = loss * float("nan")
+                scaler.scale(loss / tc.grad_accum).backward()
+            loss_total += float(loss.detach()) / tc.grad_accum
+            window.add(loss.detach(), stats, batch)
+
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        if not math.isfinite(loss_total) or (not scaler.is_enabled() and not torch.isfinite(grad_norm)):
+            # after DDP's all-reduce a NaN anywhere is a NaN on every rank: all ranks stop together
+            raise NonFiniteLossError(
+                f"loss became {loss_total} (grad norm {float(grad_norm)}) at step {step} on rank {rank}: training stopped. "
+                f"Lower train.lr (now {tc.lr}), set train.grad_clip, or use train.precision=fp32"
+                + (" (train.inject_nan_at_step is set: this is the testing hook)" if tc.inject_nan_at_step == step else "")
+            )
+        lr_used = optimizer.param_groups[0]["lr"]
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        position["step"] = step
+
+        validate = val_loader is not None and (step % tc.eval_every == 0 or step == tc.max_steps)
+        if step % tc.report_every == 0 or step == tc.max_steps or (tc.eval_every > 0 and step % tc.eval_every == 0):
+            metrics = window.metrics(world)
+            with torch.no_grad():
+                regs = {k: float(v) for k, v in adaptation.regularizers().items()}
+            metrics.update({
+                "reg_rank": regs.get("reg_rank", 0.0), "reg_orth": regs.get("reg_orth", 0.0),
+                "lr": lr_used, "peak_mem_mb": peak_memory_mb(device),
+                "trainable_params": counts["trainable"], "total_params": counts["total"],
+                "step": step, "epoch": position["epoch"],
+            })
+            if validate:
+                metrics.update(validation_loss(adaptation, val_loader, cfg, mask_id, device, b1b2))
+            last = _report(cfg, reporter, metrics, adaptation, tokenizer, optimizer, scheduler, scaler, position,
+                           param_names, device, labels, tracker, final=step == tc.max_steps)
+            window = _Window(device)
+    return last
+
+
+def _report(cfg, reporter, metrics, adaptation, tokenizer, optimizer, scheduler, scaler, position, param_names, device,
+            labels, tracker, final: bool) -> dict[str, Any]:
+    """Rank 0 writes the checkpoint (and at the end the evaluation); every rank reports."""
+    rank = reporter.world_rank
+    ckpt_dir = None
+    try:
+        if rank == 0:
+            ckpt_dir = Path(tempfile.mkdtemp(prefix="lora_diffusion_ckpt_"))
+            save_checkpoint(ckpt_dir, adaptation, cfg, optimizer, scheduler, scaler,
+                            {"step": position["step"], "epoch": position["epoch"], "batch": position["batch"]}, param_names)
+            if final and cfg.train.eval_at_end:
+                metrics.update(final_evaluation(adaptation, tokenizer, cfg, ckpt_dir))
+            _say(progress_line(metrics, cfg.train.max_steps))
+            if tracker is not None:
+                tracker.log_metrics(metrics, step=position["step"])
+                if final:
+                    tracker.log_artifacts(ckpt_dir / "adapter", "adapter")
+                    tracker.log_artifact(ckpt_dir / "config.yaml")
+                    if (ckpt_dir / "eval").is_dir():
+                        tracker.log_artifacts(ckpt_dir / "eval", "eval")
+        if reporter.under_ray:
+            from lora_diffusion.live_metrics import publish
+
+            publish(metrics, labels)
+        reporter.report(metrics, checkpoint_dir=ckpt_dir)
+    finally:
+        if ckpt_dir is not None:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return metrics
+
+
+class _Window:
+    """Sums over the micro-batches since the last report; averaged over all ranks at report time."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = time.perf_counter()
+        # loss, denoise, micro-batches, tokens, samples, then (sum, count) for each phase
+        self.sums = torch.zeros(5 + 2 * len(PHASE_METRICS), dtype=torch.float64)
+
+    def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
+        s = self.sums
+        s[0] += float(loss)
+        s[1] += float(stats["denoise_loss"])
+        s[2] += 1
+        s[3] += float(batch["attention_mask"].sum())
+        s[4] += batch["input_ids"].shape[0]
+        for i, name in enumerate(PHASE_METRICS):
+            v = float(stats[name])
+            if math.isfinite(v):
+                s[5 + 2 * i] += v
+                s[6 + 2 * i] += 1
+
+    def metrics(self, world: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        s = self.sums
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = s.to(self.device, dtype=torch.float64 if self.device.type == "cpu" else torch.float32)
+            torch.distributed.all_reduce(t)
+            s = t.cpu().double()
+        out = {"loss": float(s[0] / s[2]), "denoise_loss": float(s[1] / s[2]),
+               "tokens_per_s": float(s[3]) / elapsed, "samples_per_s": float(s[4]) / elapsed}
+        for i, name in enumerate(PHASE_METRICS):
+            out[name] = float(s[5 + 2 * i] / s[6 + 2 * i]) if s[6 + 2 * i] > 0 else float("nan")
+        return out
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point: `train_loop` with the Ray Train reporter."""
+    from lora_diffusion.reporting import RayTrainReporter
+
+    return train_loop(loop_config, RayTrainReporter())
+
+
+# --------------------------------------------------------------------------- on Ray Train
+
+
+def run_name(cfg: Config) -> str:
+    """tracking.run_name (deterministic: rerunning it resumes the same Ray run), else task-method-time."""
+    return cfg.tracking.run_name or f"{cfg.task.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def make_trainer(cfg: Config, loop_config: dict[str, Any], run_config=None):
+    """A `TorchTrainer` running `train_loop_per_worker` with the scaling, failure and checkpoint settings of `cfg`."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    tc = cfg.train
+    resources = {"CPU": tc.cpus_per_worker}
+    if tc.gpus_per_worker > 0:
+        resources["GPU"] = tc.gpus_per_worker
+    scaling = ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.gpus_per_worker > 0,
+                                      resources_per_worker=resources)
+    if run_config is None:
+        run_config = ray.train.RunConfig(
+            name=run_name(cfg),
+            storage_path=str(Path(tc.output_dir).resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+        )
+    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> bool:
+    """Connect to $RAY_ADDRESS, or start a fresh local Ray cluster (token auth on, dashboard on 127.0.0.1).
+
+    Returns True when this call connected (the caller then calls `ray.shutdown()`). For a local
+    cluster, RAY_API_SERVER_ADDRESS points at its own dashboard: Ray Train's placement-group
+    cleaner asks the state API, and without it could ask another Ray cluster on the same host.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return True
+    kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": dashboard}
+    if dashboard:
+        port = free_port()
+        kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    else:  # no API server of ours: make state-API calls fail here rather than reach another cluster's
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{free_port()}"
+    ray.init(**kwargs)
+    return True
+
+
+# --------------------------------------------------------------------------- checks before any cluster time
+
+
+def absolutize(cfg: Config, cwd: str | os.PathLike | None = None) -> Config:
+    """The config with relative folders made absolute (Ray workers run in another working directory)."""
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    data = cfg.to_dict()
+    for section, key in (("task", "data_dir"), ("task", "cache_dir"), ("train", "output_dir")):
+        value = data[section][key]
+        if value and not Path(value).expanduser().is_absolute():
+            data[section][key] = str((base / value).resolve())
+        elif value:
+            data[section][key] = str(Path(value).expanduser())
+    if data["task"]["data_dir"] is None and os.environ.get("LORA_DIFFUSION_DATA_DIR"):
+        data["task"]["data_dir"] = str((base / os.environ["LORA_DIFFUSION_DATA_DIR"]).resolve())
+    b = data["model"]["base"]
+    if not b.startswith("builtin:") and b != "minilm" and (base / b).is_dir():
+        data["model"]["base"] = str((base / b).resolve())
+    return config_from_dict(data)
+
+
+def preflight(cfg: Config, resume_from: str | None = None) -> None:
+    """Raise a clear error (naming the key, the value and what is allowed) for anything that would fail later."""
+    from lora_diffusion.data import load_split
+
+    tc = cfg.train
+    local = not os.environ.get("RAY_ADDRESS")
+    if tc.precision == "fp16" and tc.gpus_per_worker == 0:
+        raise ConfigError("train.precision: got 'fp16'; fp16 with a grad scaler needs a GPU (train.gpus_per_worker > 0); "
+                          "use 'bf16' or 'fp32' on CPU")
+    if local:
+        cpus = os.cpu_count() or 1
+        if tc.num_workers * tc.cpus_per_worker > cpus:
+            raise ConfigError(
+                f"train.num_workers={tc.num_workers} x train.cpus_per_worker={tc.cpus_per_worker} = "
+                f"{tc.num_workers * tc.cpus_per_worker} CPUs, but this machine has {cpus}; lower them or run on a "
+                "cluster (RAY_ADDRESS)")
+        if tc.gpus_per_worker > 0 and tc.num_workers * tc.gpus_per_worker > torch.cuda.device_count():
+            raise ConfigError(f"train.gpus_per_worker={tc.gpus_per_worker} x train.num_workers={tc.num_workers}: this "
+                              f"machine has {torch.cuda.device_count()} GPUs")
+    if tc.warmup_steps > tc.max_steps:
+        raise ConfigError(f"train.warmup_steps: got {tc.warmup_steps}; must be <= train.max_steps={tc.max_steps}")
+    _check_base(cfg.model.base)
+    load_split(cfg.task, cfg.task.train_split)
+    if tc.eval_at_end or tc.eval_every > 0:
+        load_split(cfg.task, cfg.task.eval_split)
+    if resume_from is not None:
+        read_train_state(resume_from)
+        saved = load_config(Path(resume_from) / "config.yaml")
+        for key in ("method.name", "model.base"):
+            a, b = saved.flat()[key], cfg.flat()[key]
+            if a != b:
+                raise ConfigError(f"{key}: got {b!r}, but the checkpoint {resume_from!r} was made with {a!r}")
+
+
+def _check_base(base: str) -> None:
+    from lora_diffusion.model import resolve_base
+
+    if base.startswith("builtin:"):
+        if base != "builtin:tiny":
+            raise ConfigError(f"model.base: got {base!r}; the built-in bases are: builtin:tiny")
+        return
+    path = resolve_base(base)  # "minilm" without its package raises a ValueError saying what to install
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"model.base: {base!r} is a folder without config.json (not a Hugging Face checkpoint)")
+        return
+    if "/" in base and (base.startswith((".", "/", "~")) or os.sep in base and Path(base).parent.exists()):
+        raise ConfigError(f"model.base: folder {base!r} does not exist")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(base)
+        except OSError:
+            raise ConfigError(f"model.base: got {base!r}; the Hugging Face Hub is offline and it is not cached. Give a "
+                              "local folder, 'minilm' or 'builtin:tiny'") from None
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lora_diffusion.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML run config (see lora_diffusion/configs/); defaults when omitted")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=200")
+    parser.add_argument("--resume-from", help="a checkpoint folder of an earlier run to continue from")
+    parser.add_argument("--no-dashboard", action="store_true", help="start the local Ray cluster without its dashboard")
+    args = parser.parse_args(argv)
+
+    from lora_diffusion.tasks import DataError
+    from lora_diffusion.tracking import RunTracker, TrackingError, check_tracking_uri, error_text, resolve_tracking_uri, run_tags
+    from lora_diffusion.checkpoint import CheckpointError
+
+    try:
+        cfg = absolutize(load_config(args.config, args.overrides))
+        resume = str(Path(args.resume_from).resolve()) if args.resume_from else None
+        preflight(cfg, resume)
+        uri = None
+        if cfg.tracking.enabled:
+            uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+            check_tracking_uri(uri)
+    except (ConfigError, DataError, TrackingError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    name = run_name(cfg)
+    tracker = None
+    if uri is not None:
+        tracker = RunTracker.start(uri, cfg.tracking.experiment, run_name=name,
+                                   tags=run_tags(cfg, "train", ray_run_name=name))
+        tracker.log_params(cfg.flat())
+        print(f"[train] MLflow run {tracker.run_id} in experiment {cfg.tracking.experiment!r} at {uri}", flush=True)
+    loop_config = {"config": cfg.to_dict(), "resume_from": resume, "trial_name": name,
+                   "mlflow": None if tracker is None else {"tracking_uri": uri, "experiment": cfg.tracking.experiment,
+                                                           "run_id": tracker.run_id}}
+    connected = False
+    import ray
+
+    try:
+        connected = init_ray(dashboard=not args.no_dashboard)
+        result = make_trainer(cfg, loop_config).fit()
+    except BaseException as e:  # noqa: BLE001 - every failure ends the MLflow run FAILED, then the command fails
+        if tracker is not None:
+            tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", error=error_text(e))
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        print(f"error: training failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if connected:
+            ray.shutdown()
+    if tracker is not None:
+        tracker.end("FINISHED")
+    final = {k: v for k, v in (result.metrics or {}).items() if k.startswith("eval_") or k in ("loss", "step", "val_loss")}
+    print(f"[train] done: {json.dumps(final)}", flush=True)
+    if result.checkpoint is not None:
+        print(f"[train] last checkpoint (adapter/ inside): {result.checkpoint.path}", flush=True)
+    if tracker is not None:
+        print(f"[train] adapter in MLflow: runs:/{tracker.run_id}/adapter", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
