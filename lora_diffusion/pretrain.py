@@ -111,12 +111,14 @@ def text_windows(texts: list[str], tokenizer, max_length: int, seed: int) -> Ite
     width = max_length - 2
     while True:
         rng.shuffle(order)
+        n = 0
         for i in order:
             ids = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
-            for start in range(0, max(len(ids), 1), width):
-                chunk = ids[start : start + width]
-                if chunk:
-                    yield [tokenizer.cls_token_id, *chunk, tokenizer.sep_token_id]
+            for start in range(0, len(ids), width):
+                n += 1
+                yield [tokenizer.cls_token_id, *ids[start : start + width], tokenizer.sep_token_id]
+        if n == 0:
+            raise PretrainError("the corpus has no tokens: every text tokenises to nothing")
 
 
 def shuffled(stream: Iterator[list[int]], buffer: int, seed: int) -> Iterator[list[int]]:
