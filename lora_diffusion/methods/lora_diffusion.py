@@ -104,7 +104,7 @@ class LoRADiffusion(Adaptation):
                 continue
             hp, tp, cp = h[rows], t_emb[rows], c[rows].to(h.dtype)
             dp = sum(g(hp, tp, cp) for g in bank)
-            out = out.index_put((rows,), self.scales[p] * dp)
+            out = out.index_put((rows,), (self.scales[p] * dp).to(out.dtype))  # autocast: dp may be bf16/fp16
         return out
 
     def forward(self, x_t, t, attention_mask=None, instruction_mask=None, positions=None):
