@@ -401,3 +401,19 @@ def test_composed_with_one_adapter_equals_that_adapter_and_router_weights_sum_to
     assert (w > 0).all() and not torch.allclose(w, torch.full_like(w, 1 / 3))
     torch.testing.assert_close(w.sum(-1), torch.ones(4))
     assert [n for n, p in three.named_parameters() if p.requires_grad] == ["router.weight", "router.bias"]
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_every_method_trains_under_bf16_autocast(method):
+    """train.precision=bf16 runs the step under torch.autocast: mixed dtypes must not break any method."""
+    cfg, denoiser = make(method, "method.prefix_tuning.reparam_hidden=16")
+    a = build_method(cfg.method, denoiser).train()
+    x0, x_t, t, attn, instruction, positions = fixed_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = a(x_t, t, attn, instruction, positions)
+        everywhere = a(x_t, t, attn, instruction, None)
+    loss = F.cross_entropy(logits.float(), x0[positions]) + everywhere.float().mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in a.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
