@@ -253,6 +253,44 @@ def synthetic_batch(tokenizer, batch_size: int, seq_len: int, target_len: int, i
     }
 
 
+_POS = "good great fun funny best love".split()
+_NEG = "bad worst boring dull sad hate".split()
+_FILL = "the a this movie film story is was very and but it one".split()
+
+
+def synthetic_sst2(folder: str | os.PathLike, n_train: int = 256, n_val: int = 64, seed: int = 0) -> Path:
+    """Write `<folder>/sst2/{train,validation}.jsonl`: SST-2-schema rows whose label follows from
+    sentiment words (learnable in a few steps). For the orchestration suites (ray, asha) when no
+    real data folder is given: they measure Ray, Tune and ASHA, not the data."""
+    import random
+
+    rng = random.Random(seed)
+    out = Path(folder) / "sst2"
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("validation", n_val)):
+        lines = []
+        for i in range(n):
+            label = rng.randint(0, 1)
+            words = [rng.choice(_FILL) for _ in range(rng.randint(4, 9))]
+            for _ in range(rng.randint(1, 3)):
+                words.insert(rng.randrange(len(words) + 1), rng.choice(_POS if label else _NEG))
+            lines.append(json.dumps({"sentence": " ".join(words) + " ", "label": label, "idx": i}))
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return Path(folder)
+
+
+def resolve_data_dir(data_dir: str | None, task: str = "sst2", splits: tuple[str, ...] = ("train", "validation")) -> str | None:
+    """--data-dir, else $LORA_DIFFUSION_DATA_DIR, checked to hold `<task>/<split>.jsonl`; None when neither is set."""
+    d = data_dir or os.environ.get("LORA_DIFFUSION_DATA_DIR")
+    if not d:
+        return None
+    missing = [f"{task}/{s}.jsonl" for s in splits if not (Path(d) / task / f"{s}.jsonl").is_file()]
+    if missing:
+        where = "--data-dir" if data_dir else "LORA_DIFFUSION_DATA_DIR"
+        raise BenchError(f"{where}={d!r}: missing {', '.join(missing)} (expected <data_dir>/{task}/<split>.jsonl)")
+    return str(Path(d).resolve())
+
+
 # --------------------------------------------------------------------------- goals
 
 
@@ -378,11 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
     for suite in SUITES:
-        try:  # DEV-ONLY guard, removed once every suite exists
-            mod = importlib.import_module(f"lora_diffusion.bench_{suite}")
-        except ModuleNotFoundError:
-            continue
-        sp = sub.add_parser(suite, help=mod.__doc__.split("\n")[0], description=mod.__doc__,
+        mod = importlib.import_module(f"lora_diffusion.bench_{suite}")
+        sp = sub.add_parser(suite, help=mod.__doc__.split("\n")[0].split(": ", 1)[-1], description=mod.__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
         sp.add_argument("--smoke", action="store_true", help="seconds, for CI (wins over --quick)")
