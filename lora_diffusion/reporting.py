@@ -95,8 +95,7 @@ class RayTrainReporter:
         import ray.train
 
         if self._restored is None:
-            ckpt = ray.train.get_checkpoint()
-            self._restored = ckpt.to_directory() if ckpt is not None else ""
+            self._restored = _local_path(ray.train.get_checkpoint())
         return self._restored or None
 
 
@@ -126,6 +125,16 @@ class TuneReporter:
         from ray import tune
 
         if self._restored is None:
-            ckpt = tune.get_checkpoint()
-            self._restored = ckpt.to_directory() if ckpt is not None else ""
+            self._restored = _local_path(tune.get_checkpoint())
         return self._restored or None
+
+
+def _local_path(ckpt) -> str:
+    """The checkpoint's own folder when its storage is a local (or shared) filesystem, else a downloaded copy."""
+    if ckpt is None:
+        return ""
+    import pyarrow.fs
+
+    if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem) and Path(ckpt.path).is_dir():
+        return str(ckpt.path)
+    return ckpt.to_directory()

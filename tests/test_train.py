@@ -68,7 +68,8 @@ def test_resumed_run_equals_uninterrupted_run(data_dir, tmp_path):
     with pytest.raises(RuntimeError, match="train.fail_at_step=5"):
         train_loop({"config": interrupted.to_dict(), "mlflow": None}, part)
     assert [r["step"] for r in part.reports] == [1, 2, 3, 4]
-    resumed, _ = run(interrupted, tmp_path / "resumed", resume_from=part.checkpoints[-1])  # goes past step 5 now
+    resumed = LocalReporter(tmp_path / "resumed")  # resume_from as `--resume-from` passes it; goes past step 5 now
+    train_loop({"config": interrupted.to_dict(), "mlflow": None, "resume_from": str(part.checkpoints[-1])}, resumed)
     assert [r["step"] for r in resumed.reports] == [5, 6, 7, 8]
 
     curve = part.reports + resumed.reports
@@ -164,6 +165,20 @@ def test_loop_owned_mlflow_run_with_eval_and_runs_uri(data_dir, tmp_path, monkey
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_examples"] == 4
     assert generate_cmd.main(["--adapter", f"runs:/{r.info.run_id}/adapter", "--prompt", "a great movie", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prompt"] == "a great movie"
+
+
+def test_bf16_autocast_on_cpu(data_dir, tmp_path):
+    cfg = load_config(None, tiny_overrides(data_dir, "train.precision=bf16", "train.max_steps=2", "train.report_every=2"))
+    _, out = run(cfg, tmp_path / "bf16")
+    assert torch.isfinite(torch.tensor(out["loss"]))
+
+
+def test_example_configs_load():
+    folder = Path(__file__).resolve().parents[1] / "lora_diffusion" / "configs"
+    files = sorted(folder.glob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(f)
 
 
 def test_sampler_resumes_inside_an_epoch():
