@@ -1,0 +1,939 @@
+"""The tuning service: a search space in, a Ray Tune sweep with Optuna + ASHA out, every trial in MLflow.
+
+    python -m lora_diffusion.tune tune_spaces/quick.yaml --data-dir /path/to/data
+    python -m lora_diffusion.tune SPACE.yaml --dry-run              # resolved space, samples, resource plan; no Ray
+    python -m lora_diffusion.tune SPACE.yaml --resume               # continue an interrupted sweep
+    python -m lora_diffusion.tune SPACE.yaml train.max_steps=50     # overrides of the space's base config
+
+What happens, top to bottom (`main`):
+1. The space file is loaded and validated, the base config resolved (search_space.py), the MLflow
+   store, the data and the base model checked -- all before any cluster time is spent.
+2. Ray: a fresh local cluster (dashboard on 127.0.0.1, its address printed), or the cluster at
+   $RAY_ADDRESS (e.g. the one cluster/ starts inside a SLURM allocation). On several nodes the
+   MLflow store and the storage path must be visible from every node: that is checked for real.
+3. MLflow: one experiment per sweep name; a parent run for the sweep (the space file, later the
+   Optuna study summary and the best trial); one nested child run per trial, found again by its
+   `ray_trial_id` tag when a trial restarts, so a resumed sweep never duplicates a trial.
+4. Tune: `Tuner` over `run_trial` with `OptunaSearch(space=define_by_run, metric="objective")`
+   and ASHA (its own metric/mode). A one-worker trial runs the training loop in the trial
+   process (`TuneReporter`); a multi-worker trial builds and fits a `TorchTrainer` and reports
+   through `TuneReportCallback`. Experiment names are deterministic (`<storage>/<sweep name>`):
+   an existing experiment is restored (`Tuner.restore`) -- finished and failed trials are kept,
+   unfinished ones continue from their last checkpoint. SIGINT, SIGTERM or SIGUSR1 stop the
+   sweep with its state saved, so a requeued job resumes with `--resume`.
+5. At the end: the best trials table, `best.json`, the best adapter registered in the MLflow
+   model registry (`models:/<model_name>/<version>`, lineage = its trial's run).
+
+Trial states in MLflow (tag `trial_state`): FINISHED, FAILED (with an `error` tag), PRUNED
+(stopped early by ASHA: its last report came before `train.max_steps`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lora_diffusion.search_space import Space, SpaceError, load_space
+
+DEFAULT_STORAGE = "tune_results"
+OBJECTIVE = "objective"
+STATE_TAG = "trial_state"
+FINISHED, FAILED, PRUNED, RUNNING = "FINISHED", "FAILED", "PRUNED", "RUNNING"
+SWEEP_FILE = "sweep.json"  # in the experiment folder: what the sweep was started with (checked on restore)
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start or continue; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- MLflow for the sweep
+
+
+def _client(uri: str):
+    from lora_diffusion.tracking import client
+
+    return client(uri)
+
+
+def artifact_location(uri: str, name: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite/file store (absolute, so every
+    trial process writes to the same place whatever its working directory); the server decides otherwise."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name)
+    if uri.startswith("file:"):
+        return None
+    if "://" not in uri:
+        return None  # file store: artifacts live inside it
+    return None
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The id of the MLflow experiment `name`, created with an absolute artifact location if new."""
+    from mlflow.exceptions import MlflowException
+
+    c = _client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise SweepError(f"MLflow experiment {name!r} is deleted at {uri}; restore it (mlflow experiments restore) "
+                             "or choose another sweep name with --name")
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name, artifact_location=artifact_location(uri, name))
+    except MlflowException:
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_parent_run(uri: str, experiment_id: str, sweep: str):
+    runs = _client(uri).search_runs([experiment_id], filter_string=f"tags.run_type = 'sweep' and tags.sweep = '{sweep}'",
+                                    max_results=5, order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
+
+
+def find_child_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str):
+    """The child run of `trial_id` under the sweep's parent run, or None."""
+    runs = _client(uri).search_runs(
+        [experiment_id], filter_string=f"tags.ray_trial_id = '{trial_id}' and tags.run_type = 'trial'", max_results=10)
+    runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_run_id]
+    return runs[0] if runs else None
+
+
+def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list:
+    out, token = [], None
+    while True:
+        page = _client(uri).search_runs([experiment_id], filter_string="tags.run_type = 'trial'", max_results=1000,
+                                        page_token=token)
+        out += [r for r in page if r.data.tags.get("mlflow.parentRunId") == parent_run_id]
+        token = page.token
+        if not token:
+            return out
+
+
+def start_parent_run(uri: str, space: Space, experiment_id: str) -> str:
+    """Find the sweep's parent run (resume) or create it; log the space and its settings."""
+    from lora_diffusion.tracking import RunTracker, run_tags
+
+    existing = find_parent_run(uri, experiment_id, space.name)
+    if existing is not None:
+        c = _client(uri)
+        c.update_run(existing.info.run_id, status="RUNNING")
+        c.set_tag(existing.info.run_id, "sweep_state", "RUNNING")
+        return existing.info.run_id
+    run = RunTracker.start(uri, space.name, run_name=space.name,
+                           tags=run_tags(space.base, "sweep", sweep=space.name, sweep_state="RUNNING"))
+    s = space.spec
+    run.log_params({
+        "sweep.metric": space.metric, "sweep.mode": space.mode, "sweep.num_samples": s.num_samples,
+        "sweep.max_concurrent": s.max_concurrent, "sweep.sampler": s.sampler.name, "sweep.sampler_seed": s.sampler.seed,
+        "sweep.scheduler": s.scheduler.name, "sweep.scheduler_metric": space.scheduler_metric,
+        "sweep.grace_period": s.scheduler.grace_period, "sweep.reduction_factor": s.scheduler.reduction_factor,
+        "sweep.max_t": space.max_t, "sweep.trial_runner": space.trial_runner, "sweep.workers": space.workers,
+        "sweep.params": ", ".join(p.key for p in space.params), "sweep.model_name": space.model_name,
+    })
+    name = space.path.name if space.path else "space.yaml"
+    run.log_text(space.source_text, f"space/{name}")
+    run.log_text(space.describe() + "\n\n" + space.resource_plan() + "\n", "space/resolved.txt")
+    run.log_text(space.base.to_yaml(), "space/base_config.yaml")
+    return run.run_id
+
+
+# --------------------------------------------------------------------------- one trial (runs in a Ray worker)
+
+
+class ObjectiveReporter:
+    """The in-process trial's reporter: adds `objective` (= the space's metric) to every report that has it,
+    logs every report to the trial's MLflow run (metrics; at the last step the adapter, config and
+    evaluation files of the checkpoint) and passes it on to Tune.
+
+    The trial logs here rather than through the loop's own tracker because Tune stops an ASHA-pruned
+    trial by raising SystemExit inside `report`: that is not a failure, and only the trial knows it.
+    """
+
+    def __init__(self, inner, metric: str, tracker, max_steps: int):
+        self._inner = inner
+        self._metric = metric
+        self._tracker = tracker
+        self._max_steps = max_steps
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir=None) -> None:
+        metrics = with_objective(metrics, self._metric)
+        step = int(metrics.get("step", 0))
+        self._tracker.log_metrics(metrics, step=step)
+        if checkpoint_dir is not None and step >= self._max_steps:
+            folder = Path(checkpoint_dir)
+            self._tracker.log_artifacts(folder / "adapter", "adapter")
+            if (folder / "config.yaml").is_file():
+                self._tracker.log_artifact(folder / "config.yaml")
+            if (folder / "eval").is_dir():
+                self._tracker.log_artifacts(folder / "eval", "eval")
+        self._inner.report(metrics, checkpoint_dir=checkpoint_dir)
+
+
+def with_objective(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
+    v = metrics.get(metric)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+        return {**metrics, OBJECTIVE: float(v)}
+    return metrics
+
+
+def _objective_callback(metric: str, uri: str | None, run_id: str | None):
+    """A `TuneReportCallback` for a nested TorchTrainer that also adds (and logs) `objective`."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ObjectiveTuneReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            metrics = [with_objective(m, metric) for m in metrics]
+            if uri and run_id and metrics and OBJECTIVE in metrics[0]:
+                from lora_diffusion.tracking import RunTracker
+
+                RunTracker(uri, run_id, owned=False).log_metrics(
+                    {OBJECTIVE: metrics[0][OBJECTIVE]}, step=int(metrics[0].get("step", 0)))
+            super().after_report(run_context, metrics, checkpoint)
+
+    return ObjectiveTuneReportCallback()
+
+
+def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """The Tune trial: the base config + the sampled `config`, trained in-process or by a TorchTrainer."""
+    from ray import tune
+
+    from lora_diffusion.config import config_from_dict, set_dotted
+    from lora_diffusion.tracking import RunTracker, error_text, run_tags
+
+    ctx = tune.get_context()
+    trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
+    data = copy.deepcopy(sweep["base"])
+    for key, value in config.items():
+        set_dotted(data, key, value)
+    cfg = config_from_dict(data)
+
+    uri, exp_id, parent = sweep["tracking_uri"], sweep["experiment_id"], sweep["parent_run_id"]
+    existing = find_child_run(uri, exp_id, parent, trial_id)
+    state = existing.data.tags.get(STATE_TAG) if existing is not None else None
+    if state in (FINISHED, PRUNED):
+        # It ended before the driver could save that fact (driver killed): report its last result again
+        # (a pruned trial's stops before max_steps, so it is recorded PRUNED again); do not retrain.
+        print(f"[tune] trial {trial_name} already {state} in MLflow run {existing.info.run_id}; not re-running it", flush=True)
+        tune.report(dict(existing.data.metrics))
+        return
+    if state == FAILED and not sweep.get("retry_failed"):
+        raise RuntimeError(f"trial {trial_name} failed before the sweep was restarted "
+                           f"({existing.data.tags.get('error', 'no error recorded')}); --retry-failed runs it again")
+    if existing is not None:
+        tracker = RunTracker(uri, existing.info.run_id, owned=True)
+        _client(uri).update_run(tracker.run_id, status="RUNNING")
+        tracker.set_tags({STATE_TAG: RUNNING})
+    else:
+        tracker = RunTracker.start(uri, sweep["experiment"], parent_run_id=parent, run_name=trial_name,
+                                   tags=run_tags(cfg, "trial", sweep=sweep["name"], ray_trial_id=trial_id,
+                                                 ray_trial_name=trial_name, **{STATE_TAG: RUNNING}))
+        tracker.log_params(cfg.flat())
+    loop_config = {"config": cfg.to_dict(), "resume_from": None, "trial_name": trial_name,
+                   "mlflow": {"tracking_uri": uri, "experiment": sweep["experiment"], "run_id": tracker.run_id}}
+    try:
+        if sweep["trial_runner"] == "in_process":
+            from lora_diffusion.reporting import TuneReporter
+            from lora_diffusion.train import train_loop
+
+            loop_config["mlflow"] = None  # ObjectiveReporter logs instead (see there)
+            train_loop(loop_config, ObjectiveReporter(TuneReporter(), sweep["metric"], tracker, cfg.train.max_steps))
+        else:
+            import ray.train
+
+            from lora_diffusion.train import make_trainer
+
+            run_config = ray.train.RunConfig(
+                name=f"trial_{trial_id}", storage_path=sweep["train_storage"],
+                callbacks=[_objective_callback(sweep["metric"], uri, tracker.run_id)],
+                failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1))
+            make_trainer(cfg, loop_config, run_config=run_config).fit()
+    except SystemExit:
+        raise  # Tune stopping the trial (ASHA): the driver's TrialStates callback records PRUNED
+    except BaseException as e:
+        tracker.set_tags({STATE_TAG: FAILED})
+        tracker.end("FAILED", error=error_text(e))
+        raise
+    tracker.set_tags({STATE_TAG: FINISHED})
+    tracker.end("FINISHED")
+
+
+# --------------------------------------------------------------------------- driver-side pieces
+
+
+def trial_state(status: str, last_result: dict | None, max_steps: int) -> str:
+    """FINISHED / FAILED / PRUNED (stopped by the scheduler before its last step) / RUNNING for a Tune trial."""
+    if status == "ERROR":
+        return FAILED
+    if status != "TERMINATED":
+        return RUNNING
+    step = (last_result or {}).get("step")
+    if step is None or int(step) < max_steps:
+        return PRUNED
+    return FINISHED
+
+
+def _trial_max_steps(base: dict[str, Any], config: dict[str, Any]) -> int:
+    return int(config.get("train.max_steps", base["train"]["max_steps"]))
+
+
+def _error_line(trial) -> str:
+    try:
+        err = trial.get_error()
+    except Exception:  # noqa: BLE001 - the error file may be gone; say so
+        err = None
+    if err is None:
+        return "trial failed (no error recorded by Ray)"
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln.split(":", 1)[0] or "Exception" in ln.split(":", 1)[0]:
+            return ln[:4000]
+    return (lines[-1] if lines else str(err))[:4000]
+
+
+def _make_callback(sweep: dict[str, Any]):
+    from ray import tune
+
+    class TrialStates(tune.Callback):
+        """Records each finished trial's state in its MLflow child run (the trial process may not be able to:
+        ASHA stops it from outside, and a crashed process tags nothing)."""
+
+        def __init__(self, sweep: dict[str, Any]):
+            self.sweep = sweep
+
+        def _finish(self, trial, state: str, error: str | None = None) -> None:
+            from lora_diffusion.tracking import RunTracker, run_tags
+
+            s = self.sweep
+            try:
+                run = find_child_run(s["tracking_uri"], s["experiment_id"], s["parent_run_id"], trial.trial_id)
+                if run is None:  # the trial died before it could create its run: record it anyway
+                    from lora_diffusion.config import config_from_dict, set_dotted
+
+                    data = copy.deepcopy(s["base"])
+                    for key, value in trial.config.items():
+                        set_dotted(data, key, value)
+                    cfg = config_from_dict(data)
+                    tracker = RunTracker.start(s["tracking_uri"], s["experiment"], parent_run_id=s["parent_run_id"],
+                                               run_name=str(trial), tags=run_tags(cfg, "trial", sweep=s["name"],
+                                                                                  ray_trial_id=trial.trial_id,
+                                                                                  ray_trial_name=str(trial)))
+                    tracker.log_params(cfg.flat())
+                else:
+                    tracker = RunTracker(s["tracking_uri"], run.info.run_id, owned=True)
+                    if state == FAILED and run.data.tags.get("error"):
+                        error = None  # the trial recorded its own, fuller error
+                tracker.set_tags({STATE_TAG: state})
+                if state == PRUNED:
+                    step = (trial.last_result or {}).get("step")
+                    tracker.set_tags({"pruned_at_step": step})
+                    _log_pruned_adapter(tracker, trial)
+                status = {FINISHED: "FINISHED", FAILED: "FAILED", PRUNED: "KILLED"}[state]
+                tracker.client.set_terminated(tracker.run_id, status=status)
+                if error:
+                    tracker.set_tags({"error": error})
+            except Exception as e:  # noqa: BLE001 - never let bookkeeping stop the sweep
+                print(f"[tune] warning: could not record trial {trial} in MLflow: {e}", file=sys.stderr, flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            state = trial_state("TERMINATED", trial.last_result, _trial_max_steps(self.sweep["base"], trial.config))
+            if state == PRUNED:
+                print(f"[tune] trial {trial} stopped early by ASHA at step {(trial.last_result or {}).get('step')}", flush=True)
+            self._finish(trial, state)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._finish(trial, FAILED, _error_line(trial))
+
+    return TrialStates(sweep)
+
+
+def _log_pruned_adapter(tracker, trial) -> None:
+    """A pruned trial's adapter at the step it was stopped (from its last Tune checkpoint), when readable here."""
+    ckpt = getattr(trial, "checkpoint", None)
+    path = getattr(ckpt, "path", None)
+    if path and (Path(path) / "adapter").is_dir():
+        tracker.log_artifacts(Path(path) / "adapter", "adapter")
+
+
+def _make_searcher(space: Space, storage_url: str):
+    from ray.tune.search.optuna import OptunaSearch
+
+    class Search(OptunaSearch):
+        """OptunaSearch that ignores reports without the objective (e.g. an eval_* metric exists only at the end)."""
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if OBJECTIVE in result:
+                super().on_trial_result(trial_id, result)
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return Search(space=space.define_by_run, metric=OBJECTIVE, mode=space.mode, sampler=space.make_sampler(),
+                  storage=optuna.storages.RDBStorage(storage_url), study_name=space.name)
+
+
+def _make_scheduler(space: Space):
+    if space.scheduler_metric is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = space.spec.scheduler
+    # stop_last_trials=False: a trial that reaches max_t ends by itself (finishing its evaluation and MLflow run).
+    return ASHAScheduler(time_attr="training_iteration", metric=space.scheduler_metric, mode=space.scheduler_mode,
+                         max_t=space.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor,
+                         stop_last_trials=False)
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _trial_name(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def forget_lost_trials(uri: str, experiment_id: str, parent_run_id: str, exp_dir: Path) -> None:
+    """Child runs of trials the saved Tune state does not know (started after its last save, then the
+    driver died) are deleted (MLflow's soft delete), so MLflow holds exactly the sweep's trials."""
+    from ray.tune import ExperimentAnalysis
+
+    known = {t.trial_id for t in ExperimentAnalysis(str(exp_dir)).trials}
+    c = _client(uri)
+    for run in child_runs(uri, experiment_id, parent_run_id):
+        tid = run.data.tags.get("ray_trial_id")
+        if tid not in known:
+            c.set_tag(run.info.run_id, STATE_TAG, "LOST")
+            if run.info.status == "RUNNING":
+                c.set_terminated(run.info.run_id, status="KILLED")
+            c.delete_run(run.info.run_id)
+            print(f"[tune] trial {tid} started after the last saved sweep state and was lost with the driver; "
+                  f"its MLflow run {run.info.run_id} is deleted (a new trial takes its place)", flush=True)
+
+
+# --------------------------------------------------------------------------- Ray, storage, checks
+
+
+def start_ray(num_cpus: int | None, dashboard: bool) -> tuple[bool, str | None]:
+    """Connect to $RAY_ADDRESS or start a fresh local cluster; (we connected, dashboard URL)."""
+    import ray
+
+    from lora_diffusion.train import free_port
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ctx = ray.init(address=address, log_to_driver=True)
+        return True, _url(ctx.dashboard_url)
+    kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": dashboard}
+    port = free_port()
+    if dashboard:
+        kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
+    # Ray Train's placement-group cleaner asks the state API; point it at our own cluster (see ray-stack notes).
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ctx = ray.init(**kwargs)
+    return True, _url(ctx.dashboard_url) if dashboard else None
+
+
+def _url(u: str | None) -> str | None:
+    if not u:
+        return None
+    return u if "://" in u else f"http://{u}"
+
+
+def local_store_dir(uri: str) -> Path | None:
+    """The folder of a SQLite or file-based MLflow store (None for a server or database)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent
+    if uri.startswith("file:"):
+        return Path(uri[len("file:"):].lstrip("/")).resolve() if uri.startswith("file:/") else None
+    if "://" not in uri:
+        return Path(uri)
+    return None
+
+
+def check_shared_paths(paths: dict[str, Path], node_sees) -> None:
+    """On a multi-node cluster every node must see `paths` (the MLflow store, the storage path).
+
+    `node_sees(path_of_marker) -> {node: bool}` runs a check on every node. Raises SweepError naming
+    the path, the nodes that do not see it and what to use instead.
+    """
+    for what, folder in paths.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        marker = folder / f".lora_diffusion_shared_check_{os.getpid()}"
+        marker.write_text("shared?")
+        try:
+            seen = node_sees(str(marker))
+        finally:
+            marker.unlink(missing_ok=True)
+        blind = sorted(n for n, ok in seen.items() if not ok)
+        if blind:
+            hint = ("use an MLflow server (mlflow server --backend-store-uri ... --host <head ip>) and pass its http:// URI "
+                    "with --tracking-uri, or put the SQLite file on storage every node mounts") if what == "tracking" else \
+                   "pass --storage-path on storage every node mounts (e.g. $HOME or /fs/scratch on OSC)"
+            raise SweepError(f"{what}: {folder} is not visible from node(s) {', '.join(blind)} of this {len(seen)}-node "
+                             f"Ray cluster; {hint}")
+
+
+def _ray_node_sees(marker: str) -> dict[str, bool]:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def exists(path: str) -> bool:
+        return os.path.exists(path)
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = {n["NodeManagerAddress"] + f" ({n['NodeID'][:8]})":
+            exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(marker)
+            for n in nodes}
+    return {k: bool(ray.get(v, timeout=120)) for k, v in refs.items()}
+
+
+def check_cluster(uri: str, storage: Path, space: Space) -> list[str]:
+    """Multi-node checks and resource fit; returns warnings to print (raises SweepError for blocking problems)."""
+    import ray
+
+    warnings = []
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        paths = {"storage path": storage}
+        store = local_store_dir(uri)
+        if store is not None:
+            paths["tracking"] = store
+        check_shared_paths(paths, _ray_node_sees)
+        if store is not None and uri.startswith("sqlite:///"):
+            warnings.append(f"tracking: {len(nodes)} nodes write to one SQLite file ({uri}); it is shared, but SQLite on "
+                            "network file systems locks poorly: an MLflow server is the safer choice")
+    total = ray.cluster_resources()
+    need = space.resources_per_trial()["total"]
+    for res, amount in need.items():
+        if amount and total.get(res, 0) < amount:
+            raise SweepError(f"resources: one trial needs {amount:g} {res}, the Ray cluster has {total.get(res, 0):g}; "
+                             "lower resources.cpus_per_worker / workers / gpus_per_worker in the space")
+    return warnings
+
+
+def preflight(space: Space, uri: str) -> None:
+    """Everything that would fail later, checked now: tracking store, data, base model(s), resources."""
+    from lora_diffusion import train
+    from lora_diffusion.tracking import check_tracking_uri
+
+    if not space.base.tracking.enabled:
+        raise SweepError("tracking.enabled: got False; the tuning service records every trial in MLflow "
+                         "(set --tracking-uri to choose the store)")
+    check_tracking_uri(uri)
+    train.preflight(space.base)
+    for p in space.params:
+        if p.key == "model.base":
+            for choice in p.choices:
+                train._check_base(choice)
+    if os.environ.get("RAY_ADDRESS") is None:
+        need = space.resources_per_trial()["total"]
+        ncpu = os.cpu_count() or 1
+        if need["CPU"] > ncpu:
+            raise SweepError(f"resources: one trial needs {need['CPU']} CPUs, this machine has {ncpu}")
+
+
+# --------------------------------------------------------------------------- results
+
+
+def collect_trials(exp_dir: Path, space: Space, uri: str, experiment_id: str, parent_run_id: str) -> list[dict[str, Any]]:
+    """One row per Tune trial: id, state, objective, sampled params, MLflow run, error."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(exp_dir))
+    runs = {r.data.tags.get("ray_trial_id"): r for r in child_runs(uri, experiment_id, parent_run_id)}
+    base = space.base.to_dict()
+    rows = []
+    for t in analysis.trials:
+        last = t.last_result or {}
+        state = trial_state(t.status, last, _trial_max_steps(base, t.config))
+        run = runs.get(t.trial_id)
+        rows.append({
+            "trial_id": t.trial_id, "trial_name": str(t), "state": state, "status": t.status,
+            "objective": last.get(OBJECTIVE), "step": last.get("step"), "params": dict(t.config),
+            "run_id": run.info.run_id if run else None,
+            "error": (run.data.tags.get("error") if run else None) or (_error_line(t) if t.status == "ERROR" else None),
+            "checkpoint": getattr(getattr(t, "checkpoint", None), "path", None),
+            "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                        and (k.startswith(("eval_", "val_")) or k in (OBJECTIVE, "loss", "step"))},
+        })
+    return rows
+
+
+def best_trial(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
+    ok = [r for r in rows if r["state"] == FINISHED and isinstance(r["objective"], (int, float)) and math.isfinite(r["objective"])]
+    if not ok:
+        return None
+    return (max if mode == "max" else min)(ok, key=lambda r: r["objective"])
+
+
+def trials_table(rows: list[dict[str, Any]], space: Space, mode: str, limit: int = 10) -> str:
+    keys = [p.key for p in space.params]
+    short = {k: k.split(".")[-1] for k in keys}
+    def sort_key(r):
+        o = r["objective"]
+        has = isinstance(o, (int, float)) and math.isfinite(o)
+        rank = {FINISHED: 0, PRUNED: 1, FAILED: 2}.get(r["state"], 3)
+        return (rank, 0 if has else 1, (-o if mode == "max" else o) if has else 0)
+    rows = sorted(rows, key=sort_key)
+    head = ["#", "trial", "state", OBJECTIVE, "step"] + [short[k] for k in keys]
+    body = []
+    for i, r in enumerate(rows[:limit], 1):
+        o = r["objective"]
+        body.append([str(i), r["trial_name"], r["state"], f"{o:.4g}" if isinstance(o, (int, float)) else "-",
+                     str(r["step"] if r["step"] is not None else "-")]
+                    + [_cell(r["params"].get(k, "-")) for k in keys])
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more in best.json")
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def optuna_summary(storage_url: str, name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Optuna study as JSON: every trial (number, state, value, params), matched to its Tune trial by params."""
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=storage_url)
+    by_params = {json.dumps(r["params"], sort_keys=True, default=str): r["trial_id"] for r in rows}
+    trials = []
+    for t in study.trials:
+        trials.append({"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+                       "ray_trial_id": by_params.get(json.dumps(t.params, sort_keys=True, default=str)),
+                       "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
+                       "datetime_start": str(t.datetime_start) if t.datetime_start else None,
+                       "datetime_complete": str(t.datetime_complete) if t.datetime_complete else None})
+    summary: dict[str, Any] = {"study_name": name, "direction": study.direction.name, "sampler": type(study.sampler).__name__,
+                               "n_trials": len(trials),
+                               "states": {s: sum(1 for t in trials if t["state"] == s) for s in sorted({t["state"] for t in trials})},
+                               "trials": trials}
+    try:
+        b = study.best_trial
+        summary["best_trial"] = {"number": b.number, "value": b.value, "params": b.params}
+    except ValueError:
+        summary["best_trial"] = None
+    return summary
+
+
+def register_best(uri: str, model_name: str, run_id: str, tags: dict[str, str]) -> str | None:
+    """Register runs:/<run_id>/adapter as a version of `model_name` (once per run); the version number."""
+    from mlflow.exceptions import MlflowException
+
+    c = _client(uri)
+    if not c.list_artifacts(run_id, "adapter"):
+        print(f"[tune] warning: run {run_id} has no adapter artifact; nothing registered", file=sys.stderr)
+        return None
+    source = f"runs:/{run_id}/adapter"
+    try:
+        c.create_registered_model(model_name, description="Best LoRA-Diffusion adapters of the sweep of the same name")
+    except MlflowException:
+        pass  # exists
+    for mv in c.search_model_versions(f"name = '{model_name}'"):
+        if mv.run_id == run_id and mv.source == source:
+            return str(mv.version)
+    mv = c.create_model_version(model_name, source=source, run_id=run_id, tags=tags,
+                                description=f"best trial of sweep {tags.get('sweep')} ({tags.get('metric')} = {tags.get('objective')})")
+    return str(mv.version)
+
+
+def finish_sweep(space: Space, exp_dir: Path, uri: str, experiment_id: str, parent_run_id: str, storage_url: str,
+                 interrupted: bool, wall_s: float) -> dict[str, Any]:
+    """Best trials table, best.json, Optuna summary and registry; the parent run gets them all."""
+    from lora_diffusion.tracking import RunTracker, redact_uri
+
+    rows = collect_trials(exp_dir, space, uri, experiment_id, parent_run_id)
+    best = best_trial(rows, space.mode)
+    counts = {s: sum(1 for r in rows if r["state"] == s) for s in (FINISHED, PRUNED, FAILED, RUNNING)}
+    parent = RunTracker(uri, parent_run_id, owned=True)
+    if interrupted:  # trials cut off by the interruption: KILLED until a resume continues them
+        c = _client(uri)
+        for r in rows:
+            if r["state"] == RUNNING and r["run_id"]:
+                c.set_tag(r["run_id"], STATE_TAG, "INTERRUPTED")
+                c.set_terminated(r["run_id"], status="KILLED")
+    model_uri = version = None
+    if best is not None and best["run_id"] and not interrupted:
+        version = register_best(uri, space.model_name, best["run_id"],
+                                {"sweep": space.name, "metric": space.metric, "objective": str(best["objective"]),
+                                 "ray_trial_id": best["trial_id"]})
+        if version:
+            model_uri = f"models:/{space.model_name}/{version}"
+    result = {
+        "sweep": space.name, "metric": space.metric, "mode": space.mode, "state": "INTERRUPTED" if interrupted else "FINISHED",
+        "experiment_path": str(exp_dir), "tracking_uri": redact_uri(uri), "mlflow_experiment": space.name,
+        "mlflow_experiment_id": experiment_id, "parent_run_id": parent_run_id, "counts": counts,
+        "trials_planned": space.spec.num_samples, "wall_time_s": round(wall_s, 1),
+        "best": None if best is None else {
+            **{k: best[k] for k in ("trial_id", "trial_name", "objective", "params", "metrics", "run_id", "checkpoint")},
+            "adapter_uri": f"runs:/{best['run_id']}/adapter" if best["run_id"] else None,
+            "model_uri": model_uri, "registered_model": space.model_name if version else None, "model_version": version,
+        },
+        "trials": rows,
+    }
+    (exp_dir / "best.json").write_text(json.dumps(result, indent=2, default=str))
+    parent.log_artifact(exp_dir / "best.json")
+    try:
+        parent.log_text(json.dumps(optuna_summary(storage_url, space.name, rows), indent=2, default=str), "optuna_study.json")
+    except Exception as e:  # noqa: BLE001 - a summary problem must not hide the results
+        print(f"[tune] warning: no Optuna summary: {e}", file=sys.stderr)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    keys = [p.key for p in space.params]
+    w.writerow(["trial_id", "state", OBJECTIVE, "step", "run_id", *keys, "error"])
+    for r in rows:
+        w.writerow([r["trial_id"], r["state"], r["objective"], r["step"], r["run_id"],
+                    *[r["params"].get(k, "") for k in keys], r["error"] or ""])
+    parent.log_text(buf.getvalue(), "trials.csv")
+    parent.log_metrics({f"trials_{k.lower()}": v for k, v in counts.items()} | {"sweep_wall_s": wall_s}, step=0)
+    tags = {"sweep_state": result["state"]}
+    if best is not None:
+        parent.log_metrics({"best_objective": best["objective"]}, step=0)
+        tags.update({"best_trial_id": best["trial_id"], "best_run_id": best["run_id"], "best_model_uri": model_uri})
+    parent.set_tags(tags)
+    parent.end("KILLED" if interrupted else "FINISHED")
+    return result
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def sweep_fingerprint(space: Space) -> dict[str, Any]:
+    return {"space": space.spec.model_dump(mode="json"), "base": space.base.to_dict()}
+
+
+def check_restorable(exp_dir: Path, space: Space) -> None:
+    f = exp_dir / SWEEP_FILE
+    if not f.is_file():
+        return
+    old = json.loads(f.read_text())
+    new = json.loads(json.dumps(sweep_fingerprint(space)))
+    if old != new:
+        diffs = _diff(old, new)
+        raise SweepError(f"{exp_dir} holds sweep {space.name!r} started with different settings "
+                         f"({'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}); resume it with the same space file, "
+                         "overrides and flags, or start a new sweep with --name")
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: was {a!r}, now {b!r}"]
+
+
+def print_where(space: Space, exp_dir: Path, uri: str, experiment_id: str | None, dashboard: str | None) -> None:
+    from lora_diffusion.tracking import redact_uri
+
+    print(f"[tune] experiment folder: {exp_dir}")
+    if dashboard:
+        print(f"[tune] Ray dashboard: {dashboard}")
+    print(f"[tune] MLflow: experiment {space.name!r}" + (f" (id {experiment_id})" if experiment_id else "")
+          + f" at {redact_uri(uri)}")
+    if uri.startswith("sqlite:///") or "://" not in uri:
+        art = artifact_location(uri, space.name)
+        print(f"[tune] MLflow UI: mlflow ui --backend-store-uri {uri}"
+              + (f" --default-artifact-root {Path(art).parent}" if art else "") + " --host 127.0.0.1 --port 5000"
+              + (f"  ->  http://127.0.0.1:5000/#/experiments/{experiment_id}/runs" if experiment_id else ""), flush=True)
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(prog="python -m lora_diffusion.tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("space", help="search space YAML (see tune_spaces/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the space's base config, e.g. train.max_steps=50")
+    p.add_argument("--data-dir", help="local data folder (<dir>/<task>/<split>.jsonl); default $LORA_DIFFUSION_DATA_DIR, else the Hub")
+    p.add_argument("--name", help="sweep name (default: the space's `name`); names the experiment folder and MLflow experiment")
+    p.add_argument("--storage-path", help=f"where Tune keeps experiments (default ./{DEFAULT_STORAGE}); shared storage on a cluster")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.tracking_uri, $MLFLOW_TRACKING_URI, sqlite:///mlflow.db)")
+    p.add_argument("--num-samples", type=int, help="number of trials (default: the space's num_samples)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name (error if there is none)")
+    p.add_argument("--retry-failed", action="store_true", help="with a restore: run failed trials again from their last checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved space, sample configs and the resource plan; start nothing")
+    p.add_argument("--samples", type=int, default=5, help="configs to sample in --dry-run (default 5)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    p.add_argument("--no-dashboard", action="store_true", help="start the local Ray cluster without its dashboard")
+    return p.parse_args(argv)
+
+
+def dry_run(space: Space, exp_dir: Path, uri: str, n: int) -> int:
+    print(space.describe())
+    print()
+    samples = space.sample(n)
+    print(f"first {len(samples)} of {space.spec.num_samples} sampled configs (seed {space.spec.sampler.seed}; constraints checked):")
+    for i, s in enumerate(samples, 1):
+        print(f"  {i}: " + ", ".join(f"{k.split('.')[-1]}={_cell(v)}" for k, v in s.items()))
+    print()
+    print(space.resource_plan())
+    print()
+    state = "exists: it will be resumed" if (exp_dir / SWEEP_FILE).is_file() else "new"
+    print(f"experiment folder: {exp_dir} ({state})")
+    from lora_diffusion.tracking import redact_uri
+
+    print(f"MLflow: experiment {space.name!r} at {redact_uri(uri)}; best adapter registered as {space.model_name!r}")
+    print(f"trials: {space.spec.num_samples}")
+    print("dry run: nothing started")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from lora_diffusion.config import ConfigError
+    from lora_diffusion.tasks import DataError
+    from lora_diffusion.tracking import TrackingError, resolve_tracking_uri
+
+    # -- 1. the space, the paths, the checks (no Ray yet) -----------------------------------------
+    try:
+        data_dir = str(Path(args.data_dir).expanduser().resolve()) if args.data_dir else None
+        space = load_space(args.space, overrides=args.overrides, name=args.name, num_samples=args.num_samples, data_dir=data_dir)
+        from lora_diffusion.train import absolutize
+
+        space.rebase(absolutize(space.base))
+        storage = Path(args.storage_path or DEFAULT_STORAGE).expanduser().resolve()
+        exp_dir = storage / space.name
+        uri = resolve_tracking_uri(args.tracking_uri or space.base.tracking.tracking_uri)
+        if args.dry_run:
+            return dry_run(space, exp_dir, uri, args.samples)
+        restoring = (exp_dir / SWEEP_FILE).is_file()
+        if args.resume and not restoring:
+            raise SweepError(f"--resume: no sweep {space.name!r} in {storage} (no {exp_dir / SWEEP_FILE}); run without --resume to start it")
+        if restoring:
+            check_restorable(exp_dir, space)
+        preflight(space, uri)
+    except (SpaceError, SweepError, ConfigError, DataError, TrackingError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    # -- 2. Ray and MLflow ---------------------------------------------------------------------------
+    import ray
+    from ray import tune
+
+    interrupted_by: list[int] = []
+
+    def on_term(signum, frame):  # SIGTERM (SLURM, requeue) -> the graceful stop Tune gives SIGINT
+        interrupted_by.append(signum)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    # The objective exists only in reports that carry the space's metric (eval_* at the end; ASHA has its own).
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Every report checkpoints, so Tune snapshots the sweep state often (what a resume needs); no warning for it.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    started = time.time()
+    connected = False
+    parent_run_id = None
+    try:
+        connected, dashboard = start_ray(args.num_cpus, not args.no_dashboard)
+        signal.signal(signal.SIGTERM, on_term)  # after ray.init: Ray's core installs its own (abort) handler
+        for w in check_cluster(uri, storage, space):
+            print(f"[tune] warning: {w}", flush=True)
+        experiment_id = ensure_experiment(uri, space.name)
+        parent_run_id = start_parent_run(uri, space, experiment_id)
+        print_where(space, exp_dir, uri, experiment_id, dashboard)
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        if not restoring:
+            (exp_dir / SWEEP_FILE).write_text(json.dumps(sweep_fingerprint(space), indent=2))
+        storage_url = f"sqlite:///{exp_dir / 'optuna_study.db'}"
+        sweep = {"name": space.name, "base": space.base.to_dict(), "metric": space.metric, "tracking_uri": uri,
+                 "experiment": space.name, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
+                 "trial_runner": space.trial_runner, "train_storage": str(exp_dir / "train"),
+                 "retry_failed": args.retry_failed}
+
+        # -- 3. the Tuner (new or restored) ------------------------------------------------------------
+        res = space.resources_per_trial()["trial"]
+        resources = {k.lower(): v for k, v in res.items() if v or k == "CPU"}
+        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), resources)
+        can_restore = restoring and tune.Tuner.can_restore(str(exp_dir))
+        if can_restore:
+            forget_lost_trials(uri, experiment_id, parent_run_id, exp_dir)
+            print(f"[tune] resuming sweep {space.name!r} from {exp_dir} (finished trials are kept"
+                  + (", failed ones run again" if args.retry_failed else ", failed ones stay failed") + ")", flush=True)
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=args.retry_failed, restart_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=_make_searcher(space, storage_url), scheduler=_make_scheduler(space),
+                                            num_samples=space.spec.num_samples, max_concurrent_trials=space.spec.max_concurrent,
+                                            trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname,
+                                            # an in-process trial imports torch/transformers/datasets: keep the process
+                                            reuse_actors=space.trial_runner == "in_process"),
+                run_config=tune.RunConfig(
+                    name=space.name, storage_path=str(storage), callbacks=[_make_callback(sweep)],
+                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+            )
+        tuner.fit()
+        wall = time.time() - started
+
+        # -- 4. results --------------------------------------------------------------------------------
+        rows_state = _states(exp_dir)
+        interrupted = bool(interrupted_by) or rows_state["unfinished"] > 0 or rows_state["total"] < space.spec.num_samples
+        result = finish_sweep(space, exp_dir, uri, experiment_id, parent_run_id, storage_url, interrupted, wall)
+    except KeyboardInterrupt:
+        print(f"[tune] interrupted before the sweep started; rerun with --resume", file=sys.stderr)
+        return 130
+    except (SweepError, TrackingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if parent_run_id is not None:
+            from lora_diffusion.tracking import RunTracker, error_text
+
+            RunTracker(uri, parent_run_id, owned=True).end("FAILED", error=error_text(e))
+        raise
+    finally:
+        if connected:
+            ray.shutdown()
+
+    c = result["counts"]
+    print()
+    print(f"[tune] sweep {space.name!r}: {c[FINISHED]} finished, {c[PRUNED]} stopped early by ASHA, {c[FAILED]} failed"
+          + (f", {c[RUNNING]} unfinished" if c[RUNNING] else "") + f" in {wall:.0f} s")
+    if result["trials"]:
+        print(f"[tune] best trials by {space.mode} {space.metric}:")
+        print(trials_table(result["trials"], space, space.mode))
+    b = result["best"]
+    if b:
+        print(f"[tune] best: {b['trial_name']} {space.metric}={b['objective']:.4g}  MLflow run {b['run_id']}")
+        print(f"[tune] best adapter: {b['model_uri'] or b['adapter_uri']}  (lora_diffusion.adapter.load_adapter accepts it)")
+    print(f"[tune] results: {exp_dir / 'best.json'}")
+    print_where(space, exp_dir, uri, experiment_id, None)
+    if interrupted:
+        print(f"[tune] the sweep was interrupted; its state is saved. Continue it with the same command plus --resume",
+              flush=True)
+        return 143 if signal.SIGTERM in interrupted_by else 130
+    return 0
+
+
+def _states(exp_dir: Path) -> dict[str, int]:
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(str(exp_dir)).trials
+    return {"unfinished": sum(1 for t in trials if t.status not in ("TERMINATED", "ERROR")), "total": len(trials)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
