@@ -174,7 +174,8 @@ class Param:
     """One searched key with its (validated, typed) distribution and its condition."""
 
     def __init__(self, key: str, spec: ParamSpec, when: dict[str, list[Any]]):
-        self.key = key
+        self.key = key  # the Optuna / Tune name: a config key, optionally with an "@variant" suffix
+        self.config_key = config_key(key)
         self.type = spec.type
         self.log = spec.log or spec.type == "log_float"
         self.step = spec.step
@@ -335,7 +336,7 @@ class Space:
                 values.update(self._suggest_ranks(trial, values))
             else:
                 (p,) = group
-                values[p.key] = p.suggest(trial)
+                values[p.config_key] = p.suggest(trial)
         return None
 
     def _range(self, key: str) -> tuple[float, float]:
@@ -396,11 +397,8 @@ class Space:
         return out
 
     def trial_config(self, sampled: dict[str, Any]) -> Config:
-        """The base config with the sampled values (dotted keys) set; validated."""
-        data = copy.deepcopy(self._base_dict)
-        for key, value in sampled.items():
-            set_dotted(data, key, value)
-        return config_from_dict(data)
+        """The base config with the sampled values (dotted keys, "@variant" suffixes allowed) set; validated."""
+        return apply_sampled(self._base_dict, sampled)
 
     def check_constraints(self, cfg: Config) -> list[str]:
         """Constraint violations of a trial config (empty when it satisfies them all)."""
@@ -488,10 +486,26 @@ class Space:
         if not os.environ.get("RAY_ADDRESS"):
             ncpu = os.cpu_count() or 1
             fit = min(conc, int(ncpu // max(r["total"]["CPU"], 1)))
-            lines.append(f"  this machine (local Ray): {ncpu} CPU -> {fit} trial(s) at once")
+            note = f"{fit} trial(s) at once" if fit else "no trial fits here: run on a cluster (RAY_ADDRESS) or lower resources"
+            if peak_gpu:
+                note += "; trials need GPUs (Ray must see them)"
+            lines.append(f"  this machine (local Ray): {ncpu} CPU -> {note}")
         else:
             lines.append(f"  cluster: RAY_ADDRESS={os.environ['RAY_ADDRESS']} (checked when the sweep starts)")
         return "\n".join(lines)
+
+
+def config_key(name: str) -> str:
+    """The config key of a parameter name: `train.lr@full_ft` -> `train.lr`."""
+    return name.split("@", 1)[0]
+
+
+def apply_sampled(base: dict[str, Any], sampled: dict[str, Any]) -> Config:
+    """A validated Config: `base` (a Config dict) with the sampled values set at their config keys."""
+    data = copy.deepcopy(base)
+    for name, value in sampled.items():
+        set_dotted(data, config_key(name), value)
+    return config_from_dict(data)
 
 
 TRIAL_PROCESS_MEMORY = 64 * 1024 * 1024  # bytes reserved by a trial that only drives a TorchTrainer
@@ -503,8 +517,10 @@ def _res(d: dict[str, Any]) -> str:
 
 
 def reports_per_trial(cfg: Config) -> int:
-    """Reports a full trial makes: one every `train.report_every` steps (the last step always reports)."""
-    return max(1, math.ceil(cfg.train.max_steps / cfg.train.report_every))
+    """Reports a full trial makes: at every multiple of `train.report_every` or `train.eval_every`, and the last step."""
+    t = cfg.train
+    every = [t.report_every] + ([t.eval_every] if getattr(t, "eval_every", 0) else [])
+    return sum(1 for step in range(1, t.max_steps + 1) if step == t.max_steps or any(step % e == 0 for e in every))
 
 
 # --------------------------------------------------------------------------- loading
@@ -622,9 +638,12 @@ def _resolve_params(where: str, spec: SpaceSpec, base: Config, all_keys: set[str
     params: list[Param] = []
     seen: dict[str, Param] = {}
     method_searched = "method.name" in spec.params
-    for key, ps in spec.params.items():
+    for name, ps in spec.params.items():
+        key = config_key(name)
+        at = f"{where}: params.{name}"
+        if "@" in name and not re.match(r"^[A-Za-z0-9_-]+$", name.split("@", 1)[1]):
+            raise SpaceError(f"{at}: the variant after '@' must be letters, digits, '_' or '-'")
         _check_key(where, "params", key, all_keys)
-        at = f"{where}: params.{key}"
         if ps.type == "categorical":
             if ps.low is not None or ps.high is not None or ps.step is not None or ps.log:
                 raise SpaceError(f"{at}: a categorical parameter takes `choices` only (not low/high/step/log)")
@@ -659,18 +678,27 @@ def _resolve_params(where: str, spec: SpaceSpec, base: Config, all_keys: set[str
                 v = _validated_value(base, key, getattr(ps, what), where, what)
                 if ps.type != "int" and isinstance(v, int) and not isinstance(v, bool):
                     raise SpaceError(f"{at}: {key} is an integer setting; use type: int")
-        when = _resolve_when(where, key, ps, spec, base, seen, all_keys, method_searched)
-        p = Param(key, ps, when)
+        when = _resolve_when(where, name, ps, spec, base, seen, all_keys, method_searched)
+        p = Param(name, ps, when)
+        for other in params:
+            if other.config_key == key and not _exclusive(other.when, when):
+                raise SpaceError(f"{at}: {other.key} sets the same key {key}; variants need `when` conditions that never "
+                                 f"hold together (e.g. different method.name values)")
         params.append(p)
         seen[key] = p
     return params
 
 
-def _resolve_when(where, key, ps: ParamSpec, spec: SpaceSpec, base: Config, seen: dict[str, Param],
+def _exclusive(a: dict[str, list[Any]], b: dict[str, list[Any]]) -> bool:
+    """True when conditions `a` and `b` can never hold at once (some key has disjoint allowed values)."""
+    return any(k in b and not set(map(repr, a[k])) & set(map(repr, b[k])) for k in a)
+
+
+def _resolve_when(where, name, ps: ParamSpec, spec: SpaceSpec, base: Config, seen: dict[str, Param],
                   all_keys: set[str], method_searched: bool) -> dict[str, list[Any]]:
-    at = f"{where}: params.{key}"
+    at = f"{where}: params.{name}"
     when: dict[str, list[Any]] = {}
-    parts = key.split(".")
+    parts = config_key(name).split(".")
     if parts[0] == "method" and len(parts) > 2 and parts[1] in METHOD_NAMES:
         method = parts[1]
         if method_searched:
@@ -693,8 +721,8 @@ def _resolve_when(where, key, ps: ParamSpec, spec: SpaceSpec, base: Config, seen
                 bad = [v for v in allowed if v not in src.choices]
                 if bad:
                     raise SpaceError(f"{at}.when.{wkey}: {bad} not among that parameter's choices {src.choices}")
-        elif wkey in spec.params:
-            raise SpaceError(f"{at}.when.{wkey}: that parameter is listed after {key}; list it first")
+        elif any(config_key(n) == wkey for n in spec.params):
+            raise SpaceError(f"{at}.when.{wkey}: that parameter is listed after {name}; list it first")
         elif wkey not in all_keys:
             raise SpaceError(f"{at}.when.{wkey}: unknown key (not a parameter or config key)")
         if wkey in when:  # already conditioned (the implicit method condition): both must hold
@@ -741,6 +769,9 @@ def _check_metrics(where: str, spec: SpaceSpec, base: Config, params: list[Param
 def _check_constraints(where: str, space: Space) -> None:
     c = space.spec.constraints
     by = {p.key: p for p in space.params}
+    for p in space.params:
+        if p.key != p.config_key and p.config_key in PHASE_KEYS + RANK_KEYS:
+            raise SpaceError(f"{where}: params.{p.key}: phase boundaries and ranks cannot have '@' variants")
     k1, k2 = PHASE_KEYS
     if k1 in by or k2 in by:
         for k in (k1, k2):

@@ -31,7 +31,6 @@ Trial states in MLflow (tag `trial_state`): FINISHED, FAILED (with an `error` ta
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import io
 import json
@@ -43,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lora_diffusion.search_space import Space, SpaceError, load_space
+from lora_diffusion.search_space import Space, SpaceError, apply_sampled, config_key, load_space
 
 DEFAULT_STORAGE = "tune_results"
 OBJECTIVE = "objective"
@@ -213,15 +212,11 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     """The Tune trial: the base config + the sampled `config`, trained in-process or by a TorchTrainer."""
     from ray import tune
 
-    from lora_diffusion.config import config_from_dict, set_dotted
     from lora_diffusion.tracking import RunTracker, error_text, run_tags
 
     ctx = tune.get_context()
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
-    data = copy.deepcopy(sweep["base"])
-    for key, value in config.items():
-        set_dotted(data, key, value)
-    cfg = config_from_dict(data)
+    cfg = apply_sampled(sweep["base"], config)
 
     uri, exp_id, parent = sweep["tracking_uri"], sweep["experiment_id"], sweep["parent_run_id"]
     existing = find_child_run(uri, exp_id, parent, trial_id)
@@ -290,7 +285,8 @@ def trial_state(status: str, last_result: dict | None, max_steps: int) -> str:
 
 
 def _trial_max_steps(base: dict[str, Any], config: dict[str, Any]) -> int:
-    return int(config.get("train.max_steps", base["train"]["max_steps"]))
+    steps = [v for k, v in config.items() if config_key(k) == "train.max_steps"]
+    return int(steps[0] if steps else base["train"]["max_steps"])
 
 
 def _error_line(trial) -> str:
@@ -324,12 +320,7 @@ def _make_callback(sweep: dict[str, Any]):
             try:
                 run = find_child_run(s["tracking_uri"], s["experiment_id"], s["parent_run_id"], trial.trial_id)
                 if run is None:  # the trial died before it could create its run: record it anyway
-                    from lora_diffusion.config import config_from_dict, set_dotted
-
-                    data = copy.deepcopy(s["base"])
-                    for key, value in trial.config.items():
-                        set_dotted(data, key, value)
-                    cfg = config_from_dict(data)
+                    cfg = apply_sampled(s["base"], trial.config)
                     tracker = RunTracker.start(s["tracking_uri"], s["experiment"], parent_run_id=s["parent_run_id"],
                                                run_name=str(trial), tags=run_tags(cfg, "trial", sweep=s["name"],
                                                                                   ray_trial_id=trial.trial_id,
