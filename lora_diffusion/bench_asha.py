@@ -24,7 +24,7 @@ from lora_diffusion.bench import BenchError, goal, goals_table, machine_info, ma
 NOISE_REL = 0.02
 
 PRESETS = {
-    "smoke": dict(base="builtin:tiny", max_length=48, batch_size=8, trials=4, trial_steps=8, trial_report_every=2,
+    "smoke": dict(base="builtin:tiny", max_length=48, batch_size=8, trials=3, trial_steps=6, trial_report_every=2,
                   val_examples=32, subset=128, threads=1),
     "quick": dict(base="minilm", max_length=64, batch_size=16, trials=8, trial_steps=30, trial_report_every=5,
                   val_examples=128, subset=2048, threads=2),

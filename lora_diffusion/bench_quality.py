@@ -6,7 +6,8 @@
    runs with no network. The base is the same for every method.
 2. Every method is fine-tuned with the same budget (steps, batch, sequence length, data subset and
    order per seed) and its own learning rate (`LR` below, `--lr method=value` to change) by the
-   project's training loop (`train.train_loop`, `LocalReporter`, no Ray), one process per method.
+   project's training loop (`train.train_loop`, `LocalReporter`, no Ray), one process per method
+   (--smoke: one for all).
 3. The final adapter is reloaded from its checkpoint folder (`adapter.load_adapter`) and evaluated
    on the whole validation split (`evaluation.evaluate`): accuracy of the generated label word
    (an output that is no label word counts as wrong), the paper's token-level denoising accuracy,
@@ -188,6 +189,11 @@ def train_eval(spec: dict[str, Any]) -> dict[str, Any]:
     return {"method": spec["method"], "runs": runs}
 
 
+def train_eval_many(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """`train_eval` for each of spec["methods"] in this one process (--smoke: saves a process start per method)."""
+    return [train_eval({**spec, "method": m, "lr": spec["lr"][m]}) for m in spec["methods"]]
+
+
 # --------------------------------------------------------------------------- the suite
 
 
@@ -215,10 +221,12 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
             if args.keep_base:
                 shutil.copytree(base, args.keep_base, dirs_exist_ok=True)
                 base_desc += f", kept in {args.keep_base}"
-        results = []
-        for m in s["methods"]:
-            spec = {**s, "method": m, "lr": s["lr"][m], "base": base, "data_dir": data_dir, "work": work}
-            results.append(run_isolated("lora_diffusion.bench_quality:train_eval", spec, timeout=6 * 3600))
+        common = {**s, "base": base, "data_dir": data_dir, "work": work}
+        if size == "smoke":
+            results = run_isolated("lora_diffusion.bench_quality:train_eval_many", common, timeout=3600)
+        else:
+            results = [run_isolated("lora_diffusion.bench_quality:train_eval", {**common, "method": m, "lr": s["lr"][m]},
+                                    timeout=6 * 3600) for m in s["methods"]]
 
     rows = []
     for r in results:

@@ -1,0 +1,258 @@
+"""Benchmarks: every suite's `--quick --smoke` run produces complete, finite JSON and a Markdown table.
+
+No timing assertions: the suites measure; these tests check that they run, report every field,
+and keep the logical properties that hold on any machine (e.g. ASHA never trains more steps than
+the same sweep without it). Unit tests cover the shared helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_diffusion import bench
+from lora_diffusion.config import METHOD_NAMES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_suite(suite: str, out: Path, *extra: str, timeout: int = 600) -> tuple[dict, str]:
+    env = {**os.environ, "LORA_DIFFUSION_DATA_DIR": ""}  # the smoke runs make their own data
+    proc = subprocess.run([sys.executable, "-m", "lora_diffusion.bench", suite, "--quick", "--smoke", "--out", str(out), *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / f"{suite}.json").read_text())
+    md = (out / f"{suite}.md").read_text()
+    return result, md
+
+
+def check_common(result: dict, md: str, suite: str) -> None:
+    assert result["suite"] == suite and result["size"] == "smoke"
+    assert result["non_finite"] == [] and bench.check_finite(result) == []
+    m = result["machine"]
+    for key in ("date", "cpu_count", "torch_threads", "device", "torch", "git_commit"):
+        assert m[key] not in (None, ""), key
+    assert result["rows"], "no rows"
+    assert result["goals"], "no goals"
+    for g in result["goals"]:
+        assert set(g) >= {"goal", "op", "target", "measured", "met"}
+        assert isinstance(g["met"], bool) and math.isfinite(g["measured"])
+    assert result["wall_s"] > 0
+    assert f"### Benchmark `{suite}` (smoke)" in md and "| goal |" in md and result["command"] in md
+
+
+def has(row: dict, *keys: str) -> None:
+    missing = [k for k in keys if k not in row]
+    assert not missing, f"{row.get('method') or row.get('model') or row}: missing {missing}"
+    for k in keys:
+        v = row[k]
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            assert math.isfinite(v), f"{k} = {v}"
+
+
+# --------------------------------------------------------------------------- the suites
+
+
+@pytest.mark.timeout(300)
+def test_step_smoke(tmp_path):
+    result, md = run_suite("step", tmp_path)
+    check_common(result, md, "step")
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"base_forward", *METHOD_NAMES}
+    for name, r in rows.items():
+        has(r, "step_ms", "floor_ms", "x_floor", "x_weight_lora", "peak_mb", "baseline_mb", "mem_increase_mb",
+            "mem_increase_x_weight_lora", "trainable", "total", "trainable_pct", "adapter_mb")
+        assert r["step_ms"] > 0 and r["peak_mb"] > 0 and len(r["step_ms_all"]) == result["settings"]["steps"]
+        assert 0 <= r["trainable"] <= r["total"]
+    assert rows["base_forward"]["trainable"] == 0 and rows["base_forward"]["x_floor"] == 1.0
+    assert rows["full_ft"]["trainable"] == rows["full_ft"]["total"]
+    assert rows["weight_lora"]["x_weight_lora"] == pytest.approx(1.0)
+    for m in METHOD_NAMES:
+        assert rows[m]["adapter_mb"] > 0
+    # the adapter of full fine-tuning is the whole model: the largest file
+    assert rows["full_ft"]["adapter_mb"] == max(rows[m]["adapter_mb"] for m in METHOD_NAMES)
+    assert len(result["goals"]) == 3
+    # a missed goal (always on the tiny base) comes with a profile of where the step goes
+    if not all(g["met"] for g in result["goals"]):
+        prof = rows["lora_diffusion"]["profile"]
+        parts = {p["part"] for p in prof["parts"]}
+        assert {"base (transformer)", "backward", "optimizer"} <= parts
+        assert prof["top_ops"] and "Where lora_diffusion's step goes" in md
+
+
+@pytest.mark.timeout(300)
+def test_sample_smoke(tmp_path):
+    result, md = run_suite("sample", tmp_path)
+    check_common(result, md, "sample")
+    s = result["settings"]
+    combos = {(r["strategy"], r["steps"], r["model"]) for r in result["rows"]}
+    assert combos == {(st, n, m) for st in ("greedy", "low_confidence") for n in s["step_counts"]
+                      for m in ("base (no adapter)", "lora_diffusion")}
+    for r in result["rows"]:
+        has(r, "ms_per_example", "base_ms_per_example", "x_base", "tokens_per_s")
+        assert r["ms_per_example"] > 0
+        if r["model"] == "base (no adapter)":
+            assert r["x_base"] == pytest.approx(1.0)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_ray_smoke(tmp_path):
+    result, md = run_suite("ray", tmp_path)
+    check_common(result, md, "ray")
+    assert [r["run"] for r in result["rows"]] == ["plain (LocalReporter)", "Ray Train (1 worker)"]
+    for r in result["rows"]:
+        has(r, "steps", "wall_s", "steps_per_s", "loop_steps_per_s", "fixed_s", "x_plain")
+        assert r["steps_per_s"] > 0
+    has(result["ray_startup"], "init_s", "fit_s", "shutdown_s", "extra_fixed_s")
+    assert result["ray_startup"]["scaling"]["num_workers"] == 1
+    tu = result["tune"]
+    has(tu, "trials", "finished", "plain_trial_s", "tuner_fit_s", "command_wall_s", "one_off_s", "per_trial_overhead_s")
+    assert tu["finished"] == tu["trials"] == result["settings"]["trials"]
+    assert tu["tuner_fit_s"] < tu["command_wall_s"]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_asha_smoke(tmp_path):
+    result, md = run_suite("asha", tmp_path)
+    check_common(result, md, "asha")
+    none, asha = result["rows"]
+    assert (none["scheduler"], asha["scheduler"]) == ("none", "asha")
+    for r in result["rows"]:
+        has(r, "trials", "finished", "stopped_early", "trained_steps", "best_objective", "best_lr", "tuner_fit_s", "wall_s")
+    s = result["settings"]
+    assert s["same_configs"] is True  # seeded random search, one trial at a time: the same configurations
+    assert none["stopped_early"] == 0 and none["trained_steps"] == s["trials"] * s["trial_steps"]
+    assert asha["trained_steps"] <= none["trained_steps"]  # ASHA only ever stops trials
+    assert asha["finished"] + asha["stopped_early"] == s["trials"]
+    assert result["step_ratio"] == pytest.approx(asha["trained_steps"] / none["trained_steps"])
+
+
+@pytest.mark.timeout(600)
+def test_quality_smoke(tmp_path):
+    result, md = run_suite("quality", tmp_path)
+    check_common(result, md, "quality")
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == set(METHOD_NAMES)
+    n_seeds = len(result["settings"]["seeds"])
+    assert n_seeds >= 2
+    for r in rows.values():
+        has(r, "accuracy", "accuracy_std", "denoise_acc", "denoise_acc_std", "non_label_rate", "trainable", "total",
+            "trainable_pct", "train_s", "eval_s", "n_eval", "lr")
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["denoise_acc"] <= 1.0
+        assert len(r["per_seed_accuracy"]) == n_seeds
+        assert r["n_eval"] == 64  # the whole (synthetic) validation split
+    assert rows["full_ft"]["trainable_pct"] == pytest.approx(100.0)
+    assert {g["goal"].split(" ")[0] for g in result["goals"]} == {"lora_diffusion"}
+
+
+# --------------------------------------------------------------------------- bad input: clear errors, nothing run
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["step", "--smoke", "--methods", "lora_diffusion,nope"], "--methods: unknown nope"),
+    (["sample", "--smoke", "--step-counts", "4,x"], "--step-counts '4,x'"),
+    (["sample", "--smoke", "--device", "tpu"], "--device 'tpu'"),
+    (["quality", "--quick", "--data-dir", "/nonexistent/data"], "missing sst2/train.jsonl"),
+    (["quality", "--smoke", "--lr", "bogus=1e-3"], "unknown method 'bogus'"),
+    (["ray", "--smoke", "--steps", "4", "--report-every", "2"], "need at least 3 reports"),
+])
+def test_bad_input(argv, needle, tmp_path, capsys):
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 2
+    assert needle in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_quality_needs_real_data_unless_smoke(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LORA_DIFFUSION_DATA_DIR", raising=False)
+    assert bench.main(["quality", "--quick", "--out", str(tmp_path)]) == 2
+    assert "give --data-dir" in capsys.readouterr().err
+
+
+def test_cuda_refused_without_gpu(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert bench.main(["step", "--smoke", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_goal_met_and_missed():
+    assert bench.goal("x", 1.2, 1.3)["met"] is True
+    assert bench.goal("x", 1.4, 1.3)["met"] is False
+    assert bench.goal("x", 0.98, 0.97, ">=")["met"] is True
+    assert bench.goal("x", float("nan"), 1.0)["met"] is False  # never "met" on a missing figure
+    with pytest.raises(ValueError):
+        bench.goal("x", 1.0, 1.0, "<")
+
+
+def test_check_finite_names_every_bad_value():
+    assert bench.check_finite({"a": 1.0, "b": [1, {"c": 2.0}]}) == []
+    assert bench.check_finite({"a": float("nan"), "b": [1.0, {"c": float("inf")}]}) == ["a", "b[1].c"]
+
+
+def test_median_mean_std_and_fmt():
+    assert bench.median([3.0, 1.0, 2.0]) == 2.0 and bench.median([1.0, 2.0, 3.0, 4.0]) == 2.5
+    mu, sd = bench.mean_std([1.0, 2.0, 3.0])
+    assert mu == 2.0 and sd == pytest.approx(1.0)
+    assert bench.mean_std([5.0]) == (5.0, 0.0)
+    assert bench.fmt(1234567) == "1,234,567" and bench.fmt(0.0) == "0" and bench.fmt(True) == "yes"
+    assert bench.fmt(1.23456) == "1.23" and bench.fmt(1234.4) == "1,234" and bench.fmt(0.01234) == "0.012"
+
+
+def test_peak_memory_sees_an_allocation():
+    with bench.PeakMemory("cpu") as mem:
+        block = bytearray(64 * 2**20)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+    del block
+    assert mem.kind == "rss_high_water_mark"
+    if mem.reset_ok:  # Linux: the high-water mark was reset at the start of the block
+        assert mem.increase_mb >= 48
+
+
+def test_synthetic_batch_follows_the_batch_contract(tiny_base):
+    _, tok = tiny_base
+    b = bench.synthetic_batch(tok, batch_size=3, seq_len=24, target_len=5, instruction_len=4)
+    ids = b["input_ids"]
+    assert ids.shape == (3, 24) and b["attention_mask"].sum() == 3 * 24
+    assert (ids[:, 0] == tok.cls_token_id).all() and (ids[:, 5] == tok.sep_token_id).all()
+    assert (ids[:, 18] == tok.sep_token_id).all() and (ids[:, -1] == tok.sep_token_id).all()
+    assert b["target_mask"][0].nonzero().flatten().tolist() == list(range(19, 24))
+    assert b["instruction_mask"][0].nonzero().flatten().tolist() == [1, 2, 3, 4]
+    assert not (b["target_mask"] & b["instruction_mask"]).any()
+    assert not (ids == tok.mask_token_id).any()
+    with pytest.raises(bench.BenchError):
+        bench.synthetic_batch(tok, 2, 10, 8)
+
+
+def test_synthetic_sst2_loads_as_the_sst2_task(tmp_path):
+    from lora_diffusion.config import load_config
+    from lora_diffusion.data import load_split
+
+    folder = bench.synthetic_sst2(tmp_path, n_train=20, n_val=10)
+    cfg = load_config(None, [f"task.data_dir={folder}", f"task.cache_dir={tmp_path / 'cache'}"])
+    train, val = load_split(cfg.task, "train"), load_split(cfg.task, "validation")
+    assert len(train) == 20 and len(val) == 10
+    assert set(train["label"]) <= {0, 1}
+    assert bench.resolve_data_dir(str(folder)) == str(folder.resolve())
+    with pytest.raises(bench.BenchError, match="missing sst2/train.jsonl"):
+        bench.resolve_data_dir(str(tmp_path / "nowhere"))
+
+
+def test_run_isolated_returns_the_child_result_and_reports_failures():
+    out = bench.run_isolated("lora_diffusion.bench:machine_info", "cpu")
+    assert out["device"] == "cpu" and out["cpu_count"] >= 1
+    with pytest.raises(bench.BenchError, match="failed"):
+        bench.run_isolated("lora_diffusion.bench:check_device", "tpu")
