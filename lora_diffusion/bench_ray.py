@@ -269,10 +269,11 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
         print(f"[ray] plain: {p['wall_s']:.1f} s for {s['steps']} steps", flush=True)
         print("[ray] inside Ray Train (1 worker) …", flush=True)
         r = run_isolated("lora_diffusion.bench_ray:ray_train", spec)
-        print(f"[ray] Ray Train: {r['wall_s']:.1f} s (init {r['init_s']:.1f}, fit {r['fit_s']:.1f}, shutdown {r['shutdown_s']:.1f})", flush=True)
+        print(f"[ray] Ray Train: {r['wall_s']:.1f} s (init {r['init_s']:.1f}, fit {r['fit_s']:.1f}, "
+              f"shutdown {r['shutdown_s']:.1f})", flush=True)
         print(f"[ray] Tune sweep of {s['trials']} one-worker trials …", flush=True)
-        tspec = {**spec, "sweep_name": "bench-tune-overhead", "params": {"train.lr": {"type": "log_float", "low": 1e-4, "high": 1e-3}},
-                 "metric": "loss", "mode": "min", "scheduler": {"name": "none"}}
+        tspec = {**spec, "sweep_name": "bench-tune-overhead", "metric": "loss", "mode": "min", "scheduler": {"name": "none"},
+                 "params": {"train.lr": {"type": "log_float", "low": 1e-4, "high": 1e-3}}}
         t = run_isolated("lora_diffusion.bench_ray:tune_sweep", tspec)
 
     ps, rs = steps_per_s(p["reports"], s["batch_size"]), steps_per_s(r["reports"], s["batch_size"])
@@ -283,9 +284,10 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
     overhead = (t["fit_s"] - s["trials"] * p["trial_wall_s"]) / s["trials"]
     rows = [
         {"run": "plain (LocalReporter)", "steps": s["steps"], "wall_s": p["wall_s"], "steps_per_s": ps["steps_per_s"],
-         "loop_steps_per_s": ps["loop_steps_per_s"], "fixed_s": plain_fixed, "x_plain": 1.0},
+         "loop_steps_per_s": ps["loop_steps_per_s"], "fixed_s": plain_fixed, "x_plain": 1.0, "x_plain_loop": 1.0},
         {"run": "Ray Train (1 worker)", "steps": s["steps"], "wall_s": r["wall_s"], "steps_per_s": rs["steps_per_s"],
-         "loop_steps_per_s": rs["loop_steps_per_s"], "fixed_s": ray_fixed, "x_plain": rs["steps_per_s"] / ps["steps_per_s"]},
+         "loop_steps_per_s": rs["loop_steps_per_s"], "fixed_s": ray_fixed, "x_plain": rs["steps_per_s"] / ps["steps_per_s"],
+         "x_plain_loop": rs["loop_steps_per_s"] / ps["loop_steps_per_s"]},
     ]
     tune_row = {
         "trials": s["trials"], "finished": finished, "trial_steps": s["trial_steps"],
@@ -314,7 +316,8 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     s, st, tu = result["settings"], result["ray_startup"], result["tune"]
     cols = [("run", "run"), ("steps", "steps"), ("wall_s", "wall s"), ("steps_per_s", "steps/s (reports)"),
-            ("loop_steps_per_s", "steps/s (loop)"), ("x_plain", "x plain"), ("fixed_s", "fixed start-up s")]
+            ("loop_steps_per_s", "steps/s (loop)"), ("x_plain", "x plain"), ("x_plain_loop", "x plain (loop)"),
+            ("fixed_s", "fixed start-up s")]
     tcols = [("trials", "trials"), ("trial_steps", "steps each"), ("trial_runner", "trial runner"),
              ("plain_trial_s", "plain trial s"), ("per_trial_s", "Tune s / trial"),
              ("per_trial_overhead_s", "overhead s / trial"), ("one_off_s", "one-off s (Ray, MLflow, summary)")]

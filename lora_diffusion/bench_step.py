@@ -194,7 +194,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     out.update(
         step_ms=1000 * median(times), step_ms_all=[1000 * x for x in times],
         floor_ms=1000 * median(floor_times), floor_ms_all=[1000 * x for x in floor_times],
-        x_floor=median([m / f for m, f in zip(times, floor_times)]), threads=torch.get_num_threads(),
+        x_floor=median([m / f for m, f in zip(times, floor_times)]), x_floor_best=min(times) / min(floor_times),
+        threads=torch.get_num_threads(),
     )
     if spec.get("profile"):
         out["profile"] = _profile(step, denoiser, adaptation, device, n=max(2, min(spec["steps"], 5)))
@@ -311,7 +312,8 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     rows = [{**r, "name": r["method"] + (" (floor: no graph)" if r["method"] == FLOOR else "")} for r in result["rows"]]
-    cols = [("name", "method"), ("step_ms", "step ms"), ("floor_ms", "paired floor ms"), ("x_floor", "x base fwd"), ("x_weight_lora", "x weight LoRA"),
+    cols = [("name", "method"), ("step_ms", "step ms"), ("floor_ms", "paired floor ms"), ("x_floor", "x base fwd"),
+            ("x_floor_best", "x base fwd (best times)"), ("x_weight_lora", "x weight LoRA"),
             ("peak_mb", "peak MB"), ("mem_increase_mb", "+MB over model"), ("mem_increase_x_weight_lora", "mem x weight LoRA"),
             ("trainable", "trainable"), ("total", "total"), ("trainable_pct", "trainable %"), ("adapter_mb", "adapter MB")]
     out = [

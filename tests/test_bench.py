@@ -66,7 +66,7 @@ def test_step_smoke(tmp_path):
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"base_forward", *METHOD_NAMES}
     for name, r in rows.items():
-        has(r, "step_ms", "floor_ms", "x_floor", "x_weight_lora", "peak_mb", "baseline_mb", "mem_increase_mb",
+        has(r, "step_ms", "floor_ms", "x_floor", "x_floor_best", "x_weight_lora", "peak_mb", "baseline_mb", "mem_increase_mb",
             "mem_increase_x_weight_lora", "trainable", "total", "trainable_pct", "adapter_mb")
         assert r["step_ms"] > 0 and r["peak_mb"] > 0 and len(r["step_ms_all"]) == result["settings"]["steps"]
         assert 0 <= r["trainable"] <= r["total"]
@@ -95,7 +95,7 @@ def test_sample_smoke(tmp_path):
     assert combos == {(st, n, m) for st in ("greedy", "low_confidence") for n in s["step_counts"]
                       for m in ("base (no adapter)", "lora_diffusion")}
     for r in result["rows"]:
-        has(r, "ms_per_example", "base_ms_per_example", "x_base", "tokens_per_s")
+        has(r, "ms_per_example", "base_ms_per_example", "x_base", "x_base_best", "tokens_per_s")
         assert r["ms_per_example"] > 0
         if r["model"] == "base (no adapter)":
             assert r["x_base"] == pytest.approx(1.0)
@@ -108,7 +108,7 @@ def test_ray_smoke(tmp_path):
     check_common(result, md, "ray")
     assert [r["run"] for r in result["rows"]] == ["plain (LocalReporter)", "Ray Train (1 worker)"]
     for r in result["rows"]:
-        has(r, "steps", "wall_s", "steps_per_s", "loop_steps_per_s", "fixed_s", "x_plain")
+        has(r, "steps", "wall_s", "steps_per_s", "loop_steps_per_s", "fixed_s", "x_plain", "x_plain_loop")
         assert r["steps_per_s"] > 0
     has(result["ray_startup"], "init_s", "fit_s", "shutdown_s", "extra_fixed_s")
     assert result["ray_startup"]["scaling"]["num_workers"] == 1
