@@ -1,0 +1,311 @@
+"""The SLURM bootstrap against a real SLURM: Debian's slurmctld + two slurmd (simulated nodes n1, n2) on
+this machine, started by cluster/local/slurm_up.sh. Every job is submitted through the launcher
+(`python -m lora_diffusion.cluster submit`) from the real template, and starts a real 2-node Ray cluster.
+
+1. A driver that prints ray.nodes(): both nodes are seen; the dashboard answers on 127.0.0.1 only and
+   refuses requests without the job's token (401); the MLflow UI answers; `cancel` (scancel) mid-run
+   leaves no process of the job within 30 s, with nothing left for the node epilog to kill.
+2. A tiny sweep (builtin:tiny, local data written here) that hits its time limit: SLURM's --signal
+   makes the driver save, the job requeues itself, the requeued run resumes the same sweep and
+   finishes it without re-running finished trials; the job ends COMPLETED and every trial has one
+   MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+EPILOG_LOG = Path("/var/log/slurm/epilog.log")
+
+
+# --------------------------------------------------------------------------- the local SLURM
+
+
+@pytest.fixture(scope="module")
+def local_slurm():
+    """Install (when missing) and start the 2-node local SLURM; stop it after if this fixture started it."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM harness needs root (it installs and starts slurmctld/slurmd/munged)")
+    p = subprocess.run(["bash", str(REPO / "cluster/local/slurm_up.sh")], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, f"slurm_up.sh failed:\n{p.stdout}\n{p.stderr}"
+    started = p.stdout.strip().splitlines()[-1] == "started"
+    yield
+    if started:
+        subprocess.run(["bash", str(REPO / "cluster/local/slurm_down.sh")], capture_output=True, timeout=180)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def submit(results: Path, *args: str) -> tuple[str, Path, float]:
+    """Submit through the launcher; returns (job id, output file, submit time)."""
+    t = time.time()
+    p = subprocess.run([sys.executable, "-m", "lora_diffusion.cluster", "submit", "--nodes", "2", "--gpus-per-node", "0",
+                        "--results-dir", str(results), *args], capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr
+    job = re.search(r"^submitted job (\d+)$", p.stdout, re.M).group(1)
+    out = Path(re.search(r"^output: (.+)$", p.stdout, re.M).group(1))
+    assert "ssh -N -L" in p.stdout, p.stdout
+    return job, out, t
+
+
+def wait_for(what: str, pred, timeout: float, every: float = 1.0, on_timeout=lambda: ""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{on_timeout()}")
+
+
+def text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def job_fields(job: str) -> dict[str, str]:
+    p = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    return dict(re.findall(r"(\w+)=(\S*)", p.stdout)) if p.returncode == 0 else {}
+
+
+def job_pids(job: str) -> list[str]:
+    """Processes of this job on this host: environment carries SLURM_JOB_ID=<job> or its RAY_SLURM_TAG."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")[:120].decode(errors="replace")
+        except OSError:
+            continue
+        if f"SLURM_JOB_ID={job}".encode() in env or any(e.startswith(f"RAY_SLURM_TAG={job}.".encode()) for e in env):
+            found.append(f"{d.name} {cmd}")
+    return found
+
+
+def epilog_kills(job: str, since: int) -> list[str]:
+    lines = EPILOG_LOG.read_text(errors="replace")[since:].splitlines() if EPILOG_LOG.exists() else []
+    return [ln for ln in lines if f" job={job} " in ln]
+
+
+def epilog_offset() -> int:
+    return len(EPILOG_LOG.read_text(errors="replace")) if EPILOG_LOG.exists() else 0
+
+
+def http_status(url: str, token: str | None = None) -> int:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=15) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+# --------------------------------------------------------------------------- 1. boot, dashboard, scancel
+
+DRIVER = """\
+import sys, time
+print(f"DRIVER first line {time.time():.3f}", flush=True)
+import ray
+ray.init()
+nodes = [n for n in ray.nodes() if n["Alive"]]
+print(f"DRIVER sees {len(nodes)} nodes, {ray.cluster_resources().get('CPU', 0):g} CPUs", flush=True)
+time.sleep(900)
+"""
+
+
+@pytest.mark.timeout(480)
+def test_two_node_cluster_dashboard_token_and_scancel(local_slurm, tmp_path):
+    drv = tmp_path / "driver.py"
+    drv.write_text(DRIVER)
+    since = epilog_offset()
+    job, out, t_submit = submit(tmp_path / "runs", "--time", "10", "--command", f"python {drv}")
+    try:
+        wait_for("the driver to see the cluster", lambda: "DRIVER sees" in text(out), 300,
+                 on_timeout=lambda: text(out))
+        log = text(out)
+        first = float(re.search(r"DRIVER first line ([\d.]+)", log).group(1))
+        print(f"\nsbatch -> driver's first line: {first - t_submit:.1f} s "
+              f"({re.search(r'cluster up: .*', log).group(0)})")
+        assert "DRIVER sees 2 nodes, 4 CPUs" in log, log
+
+        # ports and token from the job's output; the token file is private
+        m = re.search(r"ports: GCS (\d+), dashboard (\d+) \(127\.0\.0\.1\), client (\d+), MLflow UI (\d+)", log)
+        gcs, dash, _, mlflow_port = map(int, m.groups())
+        token_file = Path(re.search(r"token: (\S+ray_token)\)", log).group(1))
+        assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+        assert oct(token_file.parent.stat().st_mode & 0o777) == "0o700"
+        token = token_file.read_text().strip()
+        assert token not in log, "the token must never be printed"
+        head_ip = re.search(r"head n1 \(([\d.]+)\)", log).group(1)
+        assert re.search(rf"watch from your laptop: ssh -N -L {dash}:127\.0\.0\.1:{dash} -L {mlflow_port}:127\.0\.0\.1:"
+                         rf"{mlflow_port} -J \S+@\S+ \S+@n1", log), log
+
+        # the dashboard: 127.0.0.1 only, 401 without the token, 200 with it
+        assert http_status(f"http://127.0.0.1:{dash}/api/jobs/") == 401
+        assert http_status(f"http://127.0.0.1:{dash}/api/jobs/", token) == 200
+        assert http_status(f"http://127.0.0.1:{dash}/api/jobs/", "0" * 64) in (401, 403)
+        if head_ip != "127.0.0.1":
+            with pytest.raises(OSError):
+                socket.create_connection((head_ip, dash), timeout=5).close()
+        # the MLflow UI started by the job on the head, bound to 127.0.0.1
+        wait_for("the MLflow UI", lambda: http_status(f"http://127.0.0.1:{mlflow_port}/health") == 200, 180, every=2,
+                 on_timeout=lambda: text(next((out.parent.parent / ".ray_slurm" / job).rglob("mlflow.log"), out)))
+        if head_ip != "127.0.0.1":
+            with pytest.raises(OSError):
+                socket.create_connection((head_ip, mlflow_port), timeout=5).close()
+
+        st = subprocess.run([sys.executable, "-m", "lora_diffusion.cluster", "status", job], capture_output=True,
+                            text=True, timeout=60)
+        assert st.returncode == 0 and "RUNNING" in st.stdout and "watch from your laptop" in st.stdout, st.stdout
+        assert job_pids(job), "the job's processes carry SLURM_JOB_ID"
+    finally:
+        t_cancel = time.time()
+        c = subprocess.run([sys.executable, "-m", "lora_diffusion.cluster", "cancel", job], capture_output=True,
+                           text=True, timeout=60)
+    assert c.returncode == 0, c.stderr
+    wait_for("every process of the job to end", lambda: not job_pids(job), 30, every=0.5,
+             on_timeout=lambda: "\n".join(job_pids(job)) + "\n" + text(out)[-3000:])
+    print(f"scancel -> no process of job {job} left: {time.time() - t_cancel:.1f} s")
+    wait_for("the job to leave the queue", lambda: job_fields(job).get("JobState") in ("CANCELLED", None), 60)
+    time.sleep(2)  # the node epilogs run after the job's processes are gone
+    assert epilog_kills(job, since) == [], "ray_slurm.sh must stop its own processes; the epilog had to kill these"
+    assert not Path(f"/tmp/ray_{job}").exists()
+    assert "no process of this run is left" in text(out)
+
+
+# --------------------------------------------------------------------------- 2. time limit, requeue, resume
+
+SPACE = """\
+# A tiny sweep: builtin:tiny, 3 trials one at a time. 1200 optimizer steps (~20-40 s here) so that the
+# two trials after the first outlast SLURM's 30 s time-limit check even on an idle machine.
+name: slurm-requeue
+overrides:
+  model.base: builtin:tiny
+  model.max_length: 32
+  task.name: sst2
+  task.eval_subset_size: 8
+  train.max_steps: 1200
+  train.report_every: 400
+  train.batch_size: 8
+  train.warmup_steps: 0
+params:
+  train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}
+metric: loss
+mode: min
+sampler: {name: random, seed: 0}
+scheduler: {name: none}
+num_samples: 3
+max_concurrent: 1
+resources: {workers: 1, cpus_per_worker: 1}
+"""
+
+WORDS = ["good", "bad", "movie", "film", "great", "awful", "fun", "boring", "the", "a", "very", "not"]
+
+
+def write_tiny_sst2(folder: Path) -> None:
+    for split, n in (("train", 64), ("validation", 16)):
+        (folder / "sst2").mkdir(parents=True, exist_ok=True)
+        with open(folder / "sst2" / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                words = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(4 + i % 5)]
+                f.write(json.dumps({"sentence": " ".join(words), "label": i % 2, "idx": i}) + "\n")
+
+
+def finished_trials(db: Path) -> dict[str, int]:
+    """MLflow child runs tagged trial_state=FINISHED: run id -> end time (read-only SQLite)."""
+    if not db.exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as c:
+            rows = c.execute("SELECT r.run_uuid, r.end_time FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                             "WHERE t.key = 'trial_state' AND t.value = 'FINISHED' AND r.status = 'FINISHED'").fetchall()
+        return dict(rows)
+    except sqlite3.Error:
+        return {}
+
+
+@pytest.mark.timeout(900)
+def test_sweep_hits_time_limit_requeues_and_resumes(local_slurm, tmp_path):
+    data = tmp_path / "data"
+    write_tiny_sst2(data)
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    results = tmp_path / "runs"
+    db = results / "mlflow.db"
+    since = epilog_offset()
+    # --signal-lead 150: SIGUSR1 150 s before the limit; the limit is lowered below once a trial has finished.
+    job, out, _ = submit(results, "--time", "15", "--signal-lead", "150", "--space", str(space), "--no-mlflow-ui",
+                         "--", "--data-dir", str(data))
+    wait_for("a finished trial", lambda: finished_trials(db), 420, every=2, on_timeout=lambda: text(out)[-4000:])
+    # Bring the time limit close (a user may lower their own job's limit): end - now in (80, 140] s, less
+    # than the 150 s lead, so SLURM sends SIGUSR1 at its next time-limit check (every 30 s).
+    elapsed = parse_runtime(job_fields(job)["RunTime"])
+    minutes = math.floor((elapsed + 140) / 60)
+    subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={minutes}"], check=True)
+
+    wait_for("the job to requeue itself",
+             lambda: job_fields(job).get("Restarts") == "1" and job_fields(job).get("JobState") == "PENDING", 300,
+             on_timeout=lambda: text(out)[-4000:])
+    before = finished_trials(db)
+    run0 = text(out)
+    assert "SIGUSR1: time limit near" in run0 and "requeueing job" in run0, run0[-3000:]
+    assert "TIMEOUT" not in job_fields(job).get("JobState", "")
+    # Give the requeued run its full limit back (lowering it above was this test's shortcut to the time
+    # limit), and start it now: SLURM holds a requeued job for ~2 minutes (BeginTime).
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=15"], check=True)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    wait_for("the requeued job to complete", lambda: job_fields(job).get("JobState") == "COMPLETED", 420, every=2,
+             on_timeout=lambda: str(job_fields(job)) + "\n" + text(out)[-4000:])
+
+    log = text(out)
+    run1 = log[len(run0):]
+    assert f"job {job} (run 1)" in run1, run1
+    assert re.search(r"driver: python -m lora_diffusion\.tune .* --resume$", run1, re.M), run1
+    assert "[tune] resuming sweep 'slurm-requeue'" in run1, run1
+    assert "[tune] sweep 'slurm-requeue': 3 finished" in run1, run1
+    assert "driver exited with 0" in run1
+
+    # MLflow: one run per trial, all finished; the runs finished before the requeue were not touched again.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("slurm-requeue")
+    runs = client.search_runs([exp.experiment_id], "tags.run_type = 'trial'")
+    trial_ids = [r.data.tags["ray_trial_id"] for r in runs]
+    assert len(runs) == 3 and len(set(trial_ids)) == 3, trial_ids
+    assert all(r.data.tags["trial_state"] == "FINISHED" for r in runs)
+    after = {r.info.run_id: r.info.end_time for r in runs}
+    assert before, "no trial had finished before the time limit"
+    assert len(before) < 3, "the sweep finished before the time limit; nothing was resumed"
+    assert {k: after[k] for k in before} == before, "a trial finished before the requeue ran again"
+    print(f"\n{len(before)} trial(s) finished before the time limit, {3 - len(before)} after the requeue")
+
+    assert not job_pids(job), job_pids(job)
+    assert epilog_kills(job, since) == []
+
+
+def parse_runtime(value: str) -> int:
+    """SLURM RunTime ([D-]HH:MM:SS) -> seconds."""
+    days, _, hms = value.rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + s
