@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -131,10 +132,9 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def progress_line(m: dict[str, Any], max_steps: int) -> str:
-    parts = [f"step {m['step']}/{max_steps}", f"epoch {m['epoch']}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
-             f"{m['samples_per_s']:.1f} samples/s", f"{m['tokens_per_s']:.0f} tok/s", f"mem {m['peak_mem_mb']:.0f}MB"]
-    if "val_loss" in m:
-        parts.append(f"val_loss {m['val_loss']:.4f}")
+    fmt = [("epoch", "epoch {:d}"), ("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("samples_per_s", "{:.1f} samples/s"),
+           ("tokens_per_s", "{:.0f} tok/s"), ("peak_mem_mb", "mem {:.0f}MB"), ("val_loss", "val_loss {:.4f}")]
+    parts = [f"step {m['step']}/{max_steps}"] + [f.format(m[k]) for k, f in fmt if k in m]
     parts += [f"{k} {v:.4g}" for k, v in m.items() if k.startswith("eval_")]
     return "[train] " + " | ".join(parts)
 
@@ -290,11 +290,71 @@ def train_loop(loop_config: dict[str, Any], reporter) -> dict[str, Any]:
         if rank == 0:
             _say(f"[train] resumed from {resume_dir} at step {position['step']}")
 
+    # -- the loop: every report_every steps a report + checkpoint; the last one also evaluates ---
     tracker = _start_tracking(loop_config.get("mlflow"), cfg, rank, reporter, trial_name)
+    report = functools.partial(_report, cfg, reporter, adaptation, tokenizer, optimizer, scheduler, scaler, position,
+                               param_names, device, labels, tracker)
+    ddp = hasattr(model, "no_sync")
+    stream = micro_batches(loader, sampler, position, tc.batch_size)
+    window = _Window(device)
+    last: dict[str, Any] = {}
     try:
-        last = _run_steps(cfg, reporter, model, objective, adaptation, tokenizer, loader, sampler, val_loader,
-                          optimizer, scheduler, scaler, params, param_names, position, resumed, device, mask_id,
-                          b1b2, counts, labels, tracker)
+        while position["step"] < tc.max_steps:
+            step = position["step"] + 1  # the step being computed (1-based)
+            if tc.fail_at_step == step and not resumed:
+                raise RuntimeError(f"train.fail_at_step={step}: injected failure (testing hook; a resumed run goes past it)")
+            torch.manual_seed(step_seed(tc.seed, rank, step) + 1)  # dropout
+            noise = torch.Generator(device=device).manual_seed(step_seed(tc.seed, rank, step))  # t and masks
+
+            optimizer.zero_grad(set_to_none=True)
+            loss_total = 0.0
+            for micro in range(tc.grad_accum):
+                batch = next(stream)
+                if not reporter.under_ray or world == 1:
+                    batch = to_device(batch, device)
+                sync = contextlib.nullcontext() if not ddp or micro == tc.grad_accum - 1 else model.no_sync()
+                with sync:
+                    with autocast_for(tc.precision, device):
+                        loss, stats = model(batch, noise)
+                    if tc.inject_nan_at_step == step:
+                        loss = loss * float("nan")
+                    scaler.scale(loss / tc.grad_accum).backward()
+                loss_total += float(loss.detach()) / tc.grad_accum
+                window.add(loss.detach(), stats, batch)
+
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            if not math.isfinite(loss_total) or (not scaler.is_enabled() and not torch.isfinite(grad_norm)):
+                # after DDP's all-reduce a NaN anywhere is a NaN on every rank: all ranks stop together
+                raise NonFiniteLossError(
+                    f"loss became {loss_total} (grad norm {float(grad_norm)}) at step {step} on rank {rank}: training "
+                    f"stopped. Lower train.lr (now {tc.lr}), set train.grad_clip, or use train.precision=fp32"
+                    + (" (train.inject_nan_at_step is set: this is the testing hook)" if tc.inject_nan_at_step == step else "")
+                )
+            lr_used = optimizer.param_groups[0]["lr"]
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            position["step"] = step
+
+            validate = val_loader is not None and (step % tc.eval_every == 0 or step == tc.max_steps)
+            if step % tc.report_every == 0 or step == tc.max_steps or (tc.eval_every > 0 and step % tc.eval_every == 0):
+                metrics = window.metrics(world)
+                with torch.no_grad():
+                    regs = {k: float(v) for k, v in adaptation.regularizers().items()}
+                metrics.update({
+                    "reg_rank": regs.get("reg_rank", 0.0), "reg_orth": regs.get("reg_orth", 0.0), "lr": lr_used,
+                    "peak_mem_mb": peak_memory_mb(device), "trainable_params": counts["trainable"],
+                    "total_params": counts["total"], "step": step, "epoch": position["epoch"],
+                })
+                if validate:
+                    metrics.update(validation_loss(adaptation, val_loader, cfg, mask_id, device, b1b2))
+                last = report(metrics, final=step == tc.max_steps)
+                window = _Window(device)
+        if not last:  # resumed at max_steps (e.g. a rerun of a finished run): still evaluate, save and log the adapter
+            last = report({"trainable_params": counts["trainable"], "total_params": counts["total"],
+                           "peak_mem_mb": peak_memory_mb(device), "step": position["step"], "epoch": position["epoch"]},
+                          final=True)
     except BaseException as e:
         if tracker is not None and tracker.owned:  # a run given by id is ended (and tagged) by its creator
             from lora_diffusion.tracking import error_text
@@ -307,74 +367,8 @@ def train_loop(loop_config: dict[str, Any], reporter) -> dict[str, Any]:
     return last
 
 
-def _run_steps(cfg, reporter, model, objective, adaptation, tokenizer, loader, sampler, val_loader, optimizer, scheduler,
-               scaler, params, param_names, position, resumed, device, mask_id, b1b2, counts, labels, tracker):
-    tc = cfg.train
-    rank, world = reporter.world_rank, reporter.world_size
-    ddp = hasattr(model, "no_sync")
-    stream = micro_batches(loader, sampler, position, tc.batch_size)
-    window = _Window(device)
-    last: dict[str, Any] = {}
-
-    while position["step"] < tc.max_steps:
-        step = position["step"] + 1  # the step being computed (1-based)
-        if tc.fail_at_step == step and not resumed:
-            raise RuntimeError(f"train.fail_at_step={step}: injected failure (testing hook; a resumed run goes past it)")
-        torch.manual_seed(step_seed(tc.seed, rank, step) + 1)  # dropout
-        noise = torch.Generator(device=device).manual_seed(step_seed(tc.seed, rank, step))  # t and masks
-
-        optimizer.zero_grad(set_to_none=True)
-        loss_total = 0.0
-        for micro in range(tc.grad_accum):
-            batch = next(stream)
-            if not reporter.under_ray or world == 1:
-                batch = to_device(batch, device)
-            sync = contextlib.nullcontext() if not ddp or micro == tc.grad_accum - 1 else model.no_sync()
-            with sync:
-                with autocast_for(tc.precision, device):
-                    loss, stats = model(batch, noise)
-                if tc.inject_nan_at_step == step:
-                    loss = loss * float("nan")
-                scaler.scale(loss / tc.grad_accum).backward()
-            loss_total += float(loss.detach()) / tc.grad_accum
-            window.add(loss.detach(), stats, batch)
-
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        if not math.isfinite(loss_total) or (not scaler.is_enabled() and not torch.isfinite(grad_norm)):
-            # after DDP's all-reduce a NaN anywhere is a NaN on every rank: all ranks stop together
-            raise NonFiniteLossError(
-                f"loss became {loss_total} (grad norm {float(grad_norm)}) at step {step} on rank {rank}: training stopped. "
-                f"Lower train.lr (now {tc.lr}), set train.grad_clip, or use train.precision=fp32"
-                + (" (train.inject_nan_at_step is set: this is the testing hook)" if tc.inject_nan_at_step == step else "")
-            )
-        lr_used = optimizer.param_groups[0]["lr"]
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        position["step"] = step
-
-        validate = val_loader is not None and (step % tc.eval_every == 0 or step == tc.max_steps)
-        if step % tc.report_every == 0 or step == tc.max_steps or (tc.eval_every > 0 and step % tc.eval_every == 0):
-            metrics = window.metrics(world)
-            with torch.no_grad():
-                regs = {k: float(v) for k, v in adaptation.regularizers().items()}
-            metrics.update({
-                "reg_rank": regs.get("reg_rank", 0.0), "reg_orth": regs.get("reg_orth", 0.0),
-                "lr": lr_used, "peak_mem_mb": peak_memory_mb(device),
-                "trainable_params": counts["trainable"], "total_params": counts["total"],
-                "step": step, "epoch": position["epoch"],
-            })
-            if validate:
-                metrics.update(validation_loss(adaptation, val_loader, cfg, mask_id, device, b1b2))
-            last = _report(cfg, reporter, metrics, adaptation, tokenizer, optimizer, scheduler, scaler, position,
-                           param_names, device, labels, tracker, final=step == tc.max_steps)
-            window = _Window(device)
-    return last
-
-
-def _report(cfg, reporter, metrics, adaptation, tokenizer, optimizer, scheduler, scaler, position, param_names, device,
-            labels, tracker, final: bool) -> dict[str, Any]:
+def _report(cfg, reporter, adaptation, tokenizer, optimizer, scheduler, scaler, position, param_names, device, labels,
+            tracker, metrics: dict[str, Any], final: bool) -> dict[str, Any]:
     """Rank 0 writes the checkpoint (and at the end the evaluation); every rank reports."""
     rank = reporter.world_rank
     ckpt_dir = None

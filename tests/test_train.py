@@ -167,6 +167,14 @@ def test_loop_owned_mlflow_run_with_eval_and_runs_uri(data_dir, tmp_path, monkey
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prompt"] == "a great movie"
 
 
+def test_resuming_a_finished_run_still_reports_the_final_adapter(data_dir, tmp_path):
+    cfg = load_config(None, tiny_overrides(data_dir, "train.max_steps=2", "train.report_every=1"))
+    first, _ = run(cfg, tmp_path / "a")
+    again, out = run(cfg, tmp_path / "b", resume_from=first.checkpoints[-1])
+    assert [r["step"] for r in again.reports] == [2] and out["trainable_params"] > 0
+    assert (again.checkpoints[-1] / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_bf16_autocast_on_cpu(data_dir, tmp_path):
     cfg = load_config(None, tiny_overrides(data_dir, "train.precision=bf16", "train.max_steps=2", "train.report_every=2"))
     _, out = run(cfg, tmp_path / "bf16")
