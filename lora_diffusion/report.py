@@ -137,35 +137,52 @@ def _all_runs(client, experiment_id: str) -> list[Any]:
 
 
 def _space_from_parent(client, parents: list[Any]) -> dict | None:
-    """The search space the sweep logged as artifact `space.yaml` on its parent run, if any."""
+    """The search space the sweep logged on its parent run: the tuner logs the space file as
+    `space/<file>.yaml` (beside `space/base_config.yaml`); a bare `space.yaml` also counts."""
     import os
 
     import yaml
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bar in a CLI's output
     for parent in parents:
+        run_id = parent.info.run_id
         try:
-            local = client.download_artifacts(parent.info.run_id, "space.yaml")
-            space = yaml.safe_load(Path(local).read_text())
-        except Exception:  # noqa: BLE001 - no such artifact, or not readable: fall back
+            paths = [a.path for a in client.list_artifacts(run_id, "space")] + ["space.yaml"]
+        except Exception:  # noqa: BLE001 - an artifact store we cannot list: no space
             continue
-        if isinstance(space, dict):
-            return space
+        for path in paths:
+            name = path.rsplit("/", 1)[-1]
+            if not name.endswith((".yaml", ".yml")) or name == "base_config.yaml":
+                continue
+            try:
+                space = yaml.safe_load(Path(client.download_artifacts(run_id, path)).read_text())
+            except Exception:  # noqa: BLE001 - missing or unreadable: try the next
+                continue
+            if isinstance(space, dict) and isinstance(space.get("params"), dict):
+                return space
+    return None
+
+
+def _parent_value(parents: list[Any], *names: str) -> str | None:
+    """The first of `names` found among the sweep runs' params or tags."""
+    for parent in parents:
+        for name in names:
+            for source in (parent.data.params, parent.data.tags):
+                if source.get(name):
+                    return source[name]
     return None
 
 
 def _searched_from_parent(parents: list[Any], space: dict | None) -> tuple[list[str], str] | None:
-    """Keys the sweep searched: the space's `params` (keyed by flat config keys), else a
-    `searched_params` tag or param of the sweep run (a list or comma-separated)."""
-    if space is not None and isinstance(space.get("params"), dict) and space["params"]:
-        return [str(k) for k in space["params"]], "the sweep's space.yaml"
-    for parent in parents:
-        for source in (parent.data.tags, parent.data.params):
-            raw = source.get("searched_params")
-            if raw:
-                keys = parse_value(raw)
-                keys = keys if isinstance(keys, list) else [k.strip() for k in str(raw).split(",")]
-                return [str(k) for k in keys if str(k)], "the sweep run's `searched_params`"
+    """Keys the sweep searched: the space's `params` (keyed by flat config keys), else the sweep
+    run's `sweep.params` (or `searched_params`) param or tag (a list or comma-separated)."""
+    if space is not None and space.get("params"):
+        return [str(k) for k in space["params"]], "the sweep's space file"
+    raw = _parent_value(parents, "sweep.params", "searched_params")
+    if raw:
+        keys = parse_value(raw)
+        keys = keys if isinstance(keys, list) else [k.strip() for k in str(raw).split(",")]
+        return [str(k) for k in keys if str(k)], "the sweep run's sweep.params"
     return None
 
 
@@ -242,11 +259,9 @@ def load_sweep(experiment: str, tracking_uri: str | None = None, metric: str | N
     if len(parents) > 1:
         notes.append(f"{len(parents)} sweep runs in this experiment; the report covers the trials of all of them.")
     space = _space_from_parent(client, parents)
-    space_metric, space_mode = (space or {}).get("metric"), (space or {}).get("mode")
-    for p in parents:
-        meta = {**p.data.params, **p.data.tags}
-        space_metric = space_metric or meta.get("metric")
-        space_mode = space_mode or meta.get("mode")
+    # the tuner logs the resolved metric and mode as params of the sweep run
+    space_metric = _parent_value(parents, "sweep.metric", "metric") or (space or {}).get("metric")
+    space_mode = _parent_value(parents, "sweep.mode", "mode") or (space or {}).get("mode")
     has_objective = any(t.objective is not None for t in trials)
     if metric is not None and metric != OBJECTIVE:
         # compare on another logged metric: copy it into `objective` for every trial
@@ -264,6 +279,9 @@ def load_sweep(experiment: str, tracking_uri: str | None = None, metric: str | N
         raise ReportError(f"no trial of {experiment!r} logged the metric {OBJECTIVE!r}; pass --metric NAME "
                           f"to compare on one of: {', '.join(names) or '(no metrics logged)'}")
     metric_name = space_metric or OBJECTIVE
+    if mode is None and space_mode is None and metric_name == OBJECTIVE:
+        notes.append(f"The sweep did not record its metric or mode: assuming higher {OBJECTIVE} is better "
+                     "(pass --mode min if lower is).")
     mode = mode or space_mode or metric_mode(metric_name)
     if mode not in ("min", "max"):
         raise ReportError(f"mode: got {mode!r}; allowed: min, max")
@@ -335,10 +353,21 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _headline_eval(key: str) -> bool:
+    """The final-evaluation metrics worth a column (the tuner's table of them), not counts or per-t splits."""
+    try:
+        from lora_diffusion.search_space import EVAL_METRICS
+    except ImportError:  # pragma: no cover - the tuner's module is part of the package
+        EVAL_METRICS = {}
+    if EVAL_METRICS:
+        return key in EVAL_METRICS
+    return key.startswith("eval_") and not key.endswith(("_count", "_examples")) and "_t" not in key[5:]
+
+
 def best_table(sweep: Sweep, top: int) -> Section:
     ranked = sweep.ranked()
     shown = ranked[:top]
-    evals = sorted({k for t in shown for k in t.metrics if k.startswith("eval_")})
+    evals = sorted({k for t in shown for k in t.metrics if _headline_eval(k)})
     keys = [k for k in sweep.searched if k != "method.name" and any(k in t.params for t in shown)]
     head = (["#", "trial", "state", "method", "task", f"objective ({sweep.metric}, {sweep.mode})",
              "trainable params"] + evals + [_short(k) for k in keys] + ["minutes", "run id"])
@@ -380,7 +409,7 @@ def _log_scale(sweep: Sweep, key: str, lo: float, hi: float) -> bool:
     """Log scale for params the space searched on one; without a space, for positive ranges over 100x."""
     if lo <= 0:
         return False
-    if sweep.searched_source == "the sweep's space.yaml":
+    if sweep.searched_source == "the sweep's space file":
         return key in sweep.log_keys
     return hi / lo >= 100
 

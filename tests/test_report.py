@@ -1,6 +1,7 @@
 """The experiment report on an MLflow store written by real MLflow client calls with the sweep naming.
 
-`make_store` mimics what a sweep leaves behind (a parent run `run_type=sweep` with `space.yaml`,
+`make_store` mimics what `lora_diffusion.tune` leaves behind (a parent run `run_type=sweep` with
+params `sweep.metric` / `sweep.mode` / `sweep.params` and the space file as `space/<file>.yaml`,
 child runs `run_type=trial` with flat `Config.flat()` params, per-step metrics, `objective`,
 `trial_state` FINISHED / PRUNED / FAILED) so the report's logic is tested without a sweep; the
 dashboards end-to-end test runs a real one.
@@ -21,8 +22,11 @@ from lora_diffusion.config import load_config
 from lora_diffusion.tracking import RunTracker
 
 
-def make_store(uri: str, name: str = "mimic", n: int = 8, seed: int = 0, with_space: bool = True) -> dict:
-    """A sweep of `n` trials over two methods (the last FAILED, trials 2 and 5 PRUNED)."""
+def make_store(uri: str, name: str = "mimic", n: int = 8, seed: int = 0, sweep_info: str = "all") -> dict:
+    """A sweep of `n` trials over two methods (the last FAILED, trials 2 and 5 PRUNED).
+
+    sweep_info: "all" (space file + sweep.* params), "params" (sweep.* params only), "none".
+    """
     rng = random.Random(seed)
     space = {"name": name, "metric": "val_loss", "mode": "min",
              "params": {"method.name": {"type": "categorical", "choices": ["lora_diffusion", "weight_lora"]},
@@ -31,10 +35,14 @@ def make_store(uri: str, name: str = "mimic", n: int = 8, seed: int = 0, with_sp
                         "method.lora_diffusion.b1": {"type": "float", "low": 0.1, "high": 0.5},
                         "method.weight_lora.r": {"type": "categorical", "choices": [4, 8, 16]}}}
     parent = RunTracker.start(uri, name, run_name=name, tags={"run_type": "sweep", "sweep": name})
-    if with_space:
+    if sweep_info in ("all", "params"):
+        parent.log_params({"sweep.metric": "val_loss", "sweep.mode": "min", "sweep.params": ", ".join(space["params"])})
+    if sweep_info == "all":
         with tempfile.TemporaryDirectory() as d:
-            Path(d, "space.yaml").write_text(yaml.safe_dump(space))
-            parent.log_artifact(Path(d, "space.yaml"))
+            Path(d, "sweep_space.yaml").write_text(yaml.safe_dump(space))
+            Path(d, "base_config.yaml").write_text(load_config(None, ["model.base=builtin:tiny"]).to_yaml())
+            parent.log_artifact(Path(d, "sweep_space.yaml"), "space")
+            parent.log_artifact(Path(d, "base_config.yaml"), "space")
     trials = {}
     for i in range(n):
         method = "weight_lora" if i % 3 == 0 else "lora_diffusion"
@@ -77,7 +85,8 @@ def store(tmp_path_factory):
     d = tmp_path_factory.mktemp("report-store")
     uri = f"sqlite:///{d / 'mlflow.db'}"
     trials = make_store(uri, "mimic")
-    make_store(uri, "no-space", n=4, seed=1, with_space=False)
+    make_store(uri, "no-space", n=4, seed=1, sweep_info="none")
+    make_store(uri, "params-only", n=4, seed=2, sweep_info="params")
     return uri, trials
 
 
@@ -112,7 +121,7 @@ def test_load_sweep_reads_trials_space_and_ranking(store):
     uri, trials = store
     sweep = report.load_sweep("mimic", uri)
     assert sweep.metric == "val_loss" and sweep.mode == "min"
-    assert sweep.searched_source == "the sweep's space.yaml"
+    assert sweep.searched_source == "the sweep's space file"
     assert set(sweep.searched) == {"method.name", "train.lr", "method.lora_diffusion.rank_early",
                                    "method.lora_diffusion.b1", "method.weight_lora.r"}
     assert sweep.log_keys == {"train.lr"}
@@ -135,6 +144,16 @@ def test_without_a_space_the_searched_keys_are_those_that_vary(store):
     assert "train.lr" in sweep.searched and "method.name" in sweep.searched
     assert not any(k.startswith("tracking.") for k in sweep.searched)
     assert "model.base" not in sweep.searched  # the same in every trial
+
+
+def test_without_a_space_file_the_sweep_params_say_what_was_searched(store):
+    uri, _ = store
+    sweep = report.load_sweep("params-only", uri)
+    assert sweep.searched_source == "the sweep run's sweep.params"
+    assert sweep.metric == "val_loss" and sweep.mode == "min"
+    assert set(sweep.searched) == {"method.name", "train.lr", "method.lora_diffusion.rank_early",
+                                   "method.lora_diffusion.b1", "method.weight_lora.r"}
+    assert sweep.log_keys == set()
 
 
 def test_another_metric_and_mode_can_be_chosen(store):

@@ -67,6 +67,7 @@ class PageResult:
     warnings: list[str] = field(default_factory=list)
     external_requests: list[str] = field(default_factory=list)
     plots: list[dict] = field(default_factory=list)  # one per div.plot: id, section, svg, width, height
+    value: object = None  # the last value of the page expression
     screenshot: bytes = b""
 
 
@@ -85,7 +86,11 @@ Array.from(document.querySelectorAll('div.plot')).map(d => {
 """
 
 
-async def _drive(ws_url: str, url: str, width: int, timeout_s: float) -> PageResult:
+def plots_ready(plots) -> bool:
+    return bool(plots) and all(p["svg"] for p in plots)
+
+
+async def _drive(ws_url: str, url: str, width: int, timeout_s: float, expression: str, ready) -> PageResult:
     import aiohttp
 
     res = PageResult()
@@ -141,11 +146,13 @@ async def _drive(ws_url: str, url: str, width: int, timeout_s: float) -> PageRes
             await asyncio.wait_for(loaded.wait(), timeout_s)
             deadline = time.monotonic() + timeout_s
             while True:
-                out = await call("Runtime.evaluate", expression=PLOTS_JS, returnByValue=True)
-                res.plots = out["result"]["value"]
-                if all(p["svg"] for p in res.plots) or time.monotonic() > deadline:
+                out = await call("Runtime.evaluate", expression=expression, returnByValue=True)
+                res.value = out["result"].get("value")
+                if ready(res.value) or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.5)
+            if expression == PLOTS_JS:
+                res.plots = res.value or []
             await asyncio.sleep(1.0)  # let WebGL layers and transitions settle before the picture
             metrics = await call("Page.getLayoutMetrics")
             size = metrics.get("cssContentSize") or metrics["contentSize"]
@@ -156,8 +163,11 @@ async def _drive(ws_url: str, url: str, width: int, timeout_s: float) -> PageRes
     return res
 
 
-def open_page(path: Path, width: int = 1400, timeout_s: float = 60.0) -> PageResult:
-    """Open a local HTML file in headless Chromium; see the module docstring."""
+def open_page(target: Path | str, width: int = 1400, timeout_s: float = 60.0, expression: str = PLOTS_JS,
+              ready=plots_ready) -> PageResult:
+    """Open a local HTML file (or a URL) in headless Chromium; see the module docstring.
+
+    Waits until `ready(value of expression)` (default: every plot container drew its SVG)."""
     chromium = apt_install("chromium", "chromium")
     profile = tempfile.mkdtemp(prefix="report-chromium-")
     proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
@@ -177,7 +187,8 @@ def open_page(path: Path, width: int = 1400, timeout_s: float = 60.0) -> PageRes
 
         targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
         page = next(t for t in targets if t["type"] == "page")
-        return asyncio.run(_drive(page["webSocketDebuggerUrl"], path.resolve().as_uri(), width, timeout_s))
+        url = target.resolve().as_uri() if isinstance(target, Path) else target
+        return asyncio.run(_drive(page["webSocketDebuggerUrl"], url, width, timeout_s, expression, ready))
     finally:
         # stop what we started: the browser's own process group, by its id
         try:
