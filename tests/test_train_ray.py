@@ -161,3 +161,35 @@ def test_nan_loss_fails_the_run_without_hanging(ray_cluster, data_dir, tmp_path,
     assert run.info.status == "FAILED"
     assert "loss became nan" in run.data.tags["error"] and "at step 3" in run.data.tags["error"]
     assert [int(m.value) for m in c.get_metric_history(run.info.run_id, "step")] == [1, 2]
+
+
+@pytest.mark.timeout(240)
+def test_tune_function_trial_reports_and_checkpoints_through_tune_reporter(ray_cluster, data_dir, tmp_path):
+    """train_loop inside a Ray Tune function trial (no nested TorchTrainer), logging a child MLflow run."""
+    from ray import tune
+
+    from lora_diffusion.config import load_config
+    from lora_diffusion.reporting import TuneReporter
+    from lora_diffusion.tracking import RunTracker, client
+    from lora_diffusion.train import train_loop
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = RunTracker.start(uri, "tune")
+    cfg = load_config(None, tiny_overrides(data_dir, "train.max_steps=2", "train.report_every=1", "train.cpus_per_worker=1"))
+
+    def trial(space):
+        train_loop({"config": cfg.to_dict(), "trial_name": None,
+                    "mlflow": {"tracking_uri": uri, "experiment": "tune", "parent_run_id": space["parent"],
+                               "tags": {"run_type": "trial"}}}, TuneReporter())
+
+    tuner = tune.Tuner(tune.with_resources(trial, {"cpu": 1}), param_space={"parent": parent.run_id},
+                       run_config=tune.RunConfig(name="tune-reporter", storage_path=str(tmp_path / "tune")))
+    result = tuner.fit()[0]
+    parent.end("FINISHED")
+    assert result.error is None and result.metrics["step"] == 2
+    assert (Path(result.checkpoint.path) / "adapter" / "adapter_model.safetensors").is_file()
+    c = client(uri)
+    child = [r for r in c.search_runs([c.get_experiment_by_name("tune").experiment_id]) if r.info.run_id != parent.run_id]
+    assert len(child) == 1 and child[0].info.status == "FINISHED"
+    assert child[0].data.tags["mlflow.parentRunId"] == parent.run_id and child[0].data.tags["ray_trial_id"]
+    assert child[0].data.tags["run_type"] == "trial"
