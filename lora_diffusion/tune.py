@@ -527,8 +527,8 @@ def preflight(space: Space, uri: str) -> None:
     if not space.base.tracking.enabled:
         raise SweepError("tracking.enabled: got False; the tuning service records every trial in MLflow "
                          "(set --tracking-uri to choose the store)")
-    check_tracking_uri(uri)
     train.preflight(space.base)
+    check_tracking_uri(uri)
     for p in space.params:
         if p.key == "model.base":
             for choice in p.choices:
@@ -610,13 +610,19 @@ def optuna_summary(storage_url: str, name: str, rows: list[dict[str, Any]]) -> d
 
     study = optuna.load_study(study_name=name, storage=storage_url)
     by_params = {json.dumps(r["params"], sort_keys=True, default=str): r["trial_id"] for r in rows}
-    trials = []
-    for t in study.trials:
+    trials, claimed = [], set()
+    # Ended Optuna trials claim their Tune trial first; a RUNNING one whose Tune trial was lost with a killed
+    # driver (and sampled again after the restore) stays unmatched.
+    for t in sorted(study.trials, key=lambda t: (t.state.name == "RUNNING", t.number)):
+        tid = by_params.get(json.dumps(t.params, sort_keys=True, default=str))
+        tid = None if tid in claimed else tid
+        claimed.add(tid)
         trials.append({"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-                       "ray_trial_id": by_params.get(json.dumps(t.params, sort_keys=True, default=str)),
+                       "ray_trial_id": tid,
                        "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
                        "datetime_start": str(t.datetime_start) if t.datetime_start else None,
                        "datetime_complete": str(t.datetime_complete) if t.datetime_complete else None})
+    trials.sort(key=lambda t: t["number"])
     summary: dict[str, Any] = {"study_name": name, "direction": study.direction.name, "sampler": type(study.sampler).__name__,
                                "n_trials": len(trials),
                                "states": {s: sum(1 for t in trials if t["state"] == s) for s in sorted({t["state"] for t in trials})},
@@ -767,7 +773,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--samples", type=int, default=5, help="configs to sample in --dry-run (default 5)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
     p.add_argument("--no-dashboard", action="store_true", help="start the local Ray cluster without its dashboard")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # key=value overrides may come before or after the flags
 
 
 def dry_run(space: Space, exp_dir: Path, uri: str, n: int) -> int:

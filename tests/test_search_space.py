@@ -1,0 +1,369 @@
+"""Search spaces: every shipped space loads and samples valid configs; bad spaces fail with clear errors."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lora_diffusion.search_space import (
+    PHASE_KEYS,
+    RANK_KEYS,
+    SpaceError,
+    apply_sampled,
+    load_space,
+    reports_per_trial,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SPACES = sorted((REPO / "tune_spaces").glob("*.yaml"))
+
+BASE = """\
+name: t
+overrides:
+  model.base: builtin:tiny
+  train.max_steps: 20
+  train.report_every: 5
+"""
+
+
+def space(body: str, **kw):
+    return load_space(text=BASE + textwrap.dedent(body), **kw)
+
+
+def error(body: str, **kw) -> str:
+    with pytest.raises(SpaceError) as e:
+        space(body, **kw)
+    return str(e.value)
+
+
+# --------------------------------------------------------------------------- shipped spaces
+
+
+def test_every_shipped_space_is_there():
+    names = {p.stem for p in SPACES}
+    assert {"quick", "lora_diffusion_sst2", "lora_diffusion_squad", "lora_diffusion_xsum", "compare_methods",
+            "weight_lora_sst2", "adapters_sst2", "prefix_tuning_sst2", "bitfit_sst2", "full_ft_sst2"} <= names
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
+def test_shipped_space_samples_valid_configs(path):
+    s = load_space(path)
+    assert s.name and s.spec.num_samples >= 1
+    for sampled in s.sample(12):
+        cfg = s.trial_config(sampled)
+        assert s.check_constraints(cfg) == []
+        for name, value in sampled.items():  # the sampled value is what the trial's config holds
+            assert cfg.flat()[name.split("@")[0]] == value
+
+
+def test_quick_space_is_the_cpu_smoke_sweep():
+    s = load_space(REPO / "tune_spaces" / "quick.yaml")
+    assert s.base.model.base == "minilm" and s.base.train.gpus_per_worker == 0
+    assert s.trial_runner == "in_process" and s.scheduler_metric == "val_loss"
+    assert s.base.task.resolved_data_dir() is None or s.base.task.data_dir is None  # the Hub unless told
+
+
+# --------------------------------------------------------------------------- sampling and constraints
+
+
+def test_phase_and_rank_constraints_hold_by_construction():
+    s = space("""
+        params:
+          method.lora_diffusion.b2: {type: float, low: 0.3, high: 0.7}
+          method.lora_diffusion.b1: {type: float, low: 0.2, high: 0.65}
+          method.lora_diffusion.rank_late: {type: int, low: 1, high: 64}
+          method.lora_diffusion.rank_early: {type: int, low: 8, high: 40, step: 8}
+        constraints: {phase_gap: 0.2, rank_order: true}
+        metric: loss
+        sampler: {name: random, seed: 3}
+    """, overrides=["method.lora_diffusion.rank_mid=12"])
+    seen_b1 = []
+    for sampled in s.sample(200):
+        ld = s.trial_config(sampled).method.lora_diffusion
+        assert 0 < ld.b1 < ld.b2 < 1 and ld.b2 - ld.b1 >= 0.2 - 1e-9
+        assert ld.rank_early >= ld.rank_mid == 12 >= ld.rank_late
+        assert ld.rank_early % 8 == 0 and ld.rank_early >= 16  # the grid point >= the fixed rank_mid
+        seen_b1.append(ld.b1)
+    assert min(seen_b1) < 0.25 and max(seen_b1) > 0.45  # the whole feasible range is used
+
+
+def test_conditional_parameters_follow_the_method():
+    s = space("""
+        params:
+          method.name: {type: categorical, choices: [lora_diffusion, weight_lora, bitfit]}
+          train.lr@small: {type: log_float, low: 1.0e-5, high: 1.0e-4, when: {method.name: weight_lora}}
+          train.lr@big: {type: log_float, low: 1.0e-3, high: 1.0e-2, when: {method.name: [lora_diffusion, bitfit]}}
+          method.weight_lora.r: {type: int, low: 2, high: 16}
+          method.lora_diffusion.k: {type: int, low: 1, high: 3}
+        metric: loss
+        sampler: {name: random, seed: 0}
+    """)
+    methods = set()
+    for sampled in s.sample(40):
+        cfg = s.trial_config(sampled)
+        m = sampled["method.name"]
+        methods.add(m)
+        assert ("method.weight_lora.r" in sampled) == (m == "weight_lora")
+        assert ("method.lora_diffusion.k" in sampled) == (m == "lora_diffusion")
+        lr_keys = [k for k in sampled if k.startswith("train.lr@")]
+        assert lr_keys == (["train.lr@small"] if m == "weight_lora" else ["train.lr@big"])
+        assert (1e-5 <= cfg.train.lr <= 1e-4) if m == "weight_lora" else (1e-3 <= cfg.train.lr <= 1e-2)
+    assert methods == {"lora_diffusion", "weight_lora", "bitfit"}
+
+
+def test_samples_are_seeded_and_typed():
+    body = """
+        params:
+          train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}
+          train.batch_size: {type: int, low: 4, high: 32, step: 4}
+          train.fail_at_step: {type: categorical, choices: [null, 3]}
+          diffusion.schedule: {type: categorical, choices: [linear, cosine]}
+        metric: loss
+        sampler: {seed: 7}
+    """
+    a, b = space(body).sample(5), space(body).sample(5)
+    assert a == b
+    assert space(body.replace("seed: 7", "seed: 8")).sample(5) != a
+    for s in a:
+        assert isinstance(s["train.batch_size"], int) and s["train.batch_size"] % 4 == 0
+        assert s["train.fail_at_step"] in (None, 3)
+
+
+def test_cli_values_replace_the_file():
+    s = space("""
+        params:
+          train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}
+        metric: loss
+        num_samples: 4
+    """, overrides=["train.max_steps=30", "model.max_length=40"], name="other", num_samples=9, data_dir="/data")
+    assert s.name == "other" and s.spec.num_samples == 9
+    assert s.base.train.max_steps == 30 and s.base.model.max_length == 40 and s.base.task.data_dir == "/data"
+
+
+def test_resources_set_the_trial_config_and_the_runner():
+    s = space("""
+        params:
+          train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}
+        metric: loss
+        resources: {workers: 2, cpus_per_worker: 3}
+    """)
+    assert s.base.train.num_workers == 2 and s.base.train.cpus_per_worker == 3
+    assert s.trial_runner == "torch_trainer"
+    r = s.resources_per_trial()
+    assert r["trial"]["CPU"] == 0 and r["trial"]["memory"] > 0 and r["total"]["CPU"] == 6
+    one = space("""
+        params:
+          train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}
+        metric: loss
+        resources: {cpus_per_worker: 2}
+    """)
+    assert one.trial_runner == "in_process" and one.resources_per_trial()["trial"] == {"CPU": 2, "GPU": 0.0}
+
+
+def test_asha_budget_counts_reports():
+    s = space("""
+        params:
+          train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}
+        metric: loss
+    """)
+    assert s.max_t == reports_per_trial(s.base) == 4  # steps 5, 10, 15, 20
+    s2 = space("""
+        params:
+          train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}
+        metric: val_loss
+    """, overrides=["train.eval_every=4", "train.max_steps=21"])
+    # reports at 4, 5, 8, 10, 12, 15, 16, 20 and the last step 21
+    assert reports_per_trial(s2.base) == 9 and s2.scheduler_metric == "val_loss" and s2.mode == "min"
+
+
+def test_apply_sampled_strips_variants():
+    cfg = apply_sampled({"train": {"lr": 1.0}}, {"train.lr@x": 0.5, "train.batch_size": 4})
+    assert cfg.train.lr == 0.5 and cfg.train.batch_size == 4
+
+
+# --------------------------------------------------------------------------- bad spaces
+
+
+def test_b1_not_below_b2_is_refused():
+    msg = error("""
+        params:
+          method.lora_diffusion.b1: {type: float, low: 0.6, high: 0.9}
+          method.lora_diffusion.b2: {type: float, low: 0.2, high: 0.5}
+        metric: loss
+    """)
+    assert "method.lora_diffusion.b1 in [0.6, 0.9]" in msg and "method.lora_diffusion.b2 in [0.2, 0.5]" in msg
+    assert "phase_gap" in msg
+    # a searched b1 against the base config's fixed b2 = 2/3
+    assert "b1.low + phase_gap <= b2.high" in error("""
+        params:
+          method.lora_diffusion.b1: {type: float, low: 0.7, high: 0.9}
+        metric: loss
+    """)
+    assert "must lie inside (0, 1)" in error("""
+        params:
+          method.lora_diffusion.b2: {type: float, low: 0.5, high: 1.0}
+        metric: loss
+    """)
+
+
+def test_unknown_parameter_is_named_with_a_suggestion():
+    msg = error("""
+        params:
+          train.lrr: {type: log_float, low: 1.0e-4, high: 1.0e-2}
+        metric: loss
+    """)
+    assert "params.train.lrr: unknown parameter" in msg and "did you mean train.lr" in msg
+    assert "unknown parameter" in error("""
+        params:
+          method.lora_diffusion.rank_huge: {type: int, low: 1, high: 4}
+        metric: loss
+    """)
+
+
+def test_empty_choice_list_is_refused():
+    msg = error("""
+        params:
+          diffusion.schedule: {type: categorical, choices: []}
+        metric: loss
+    """)
+    assert "params.diffusion.schedule.choices: empty" in msg
+
+
+def test_negative_rank_range_is_refused():
+    msg = error("""
+        params:
+          method.lora_diffusion.rank_late: {type: int, low: -4, high: 8}
+        metric: loss
+    """)
+    assert "params.method.lora_diffusion.rank_late.low: -4 is not a valid value" in msg and "greater than 0" in msg
+    assert "low=16 must be < high=4" in error("""
+        params:
+          method.lora_diffusion.rank_mid: {type: int, low: 16, high: 4}
+        metric: loss
+    """)
+
+
+def test_unknown_metric_is_refused_with_the_allowed_ones():
+    msg = error("""
+        params:
+          train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}
+        metric: eval_acc
+    """)
+    assert "metric: unknown metric 'eval_acc'" in msg and "did you mean" in msg and "eval_accuracy" in msg
+    assert "allowed:" in msg and "val_loss" in msg
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("""
+     params: {}
+     metric: loss
+     """, "params: empty"),
+    ("""
+     params:
+       train.lr: {type: float, low: 0.1, high: 0.2}
+     metric: eval_exact_match
+     """, "'eval_exact_match' is not computed for task 'sst2'"),
+    ("""
+     params:
+       train.lr: {type: float, low: 0.1, high: 0.2}
+     metric: eval_accuracy
+     """, "ASHA compares trials during training"),
+    ("""
+     params:
+       train.lr: {type: float, low: 0.1, high: 0.2}
+     metric: val_loss
+     """, "needs periodic validation; set train.eval_every"),
+    ("""
+     params:
+       train.lr: {type: float, low: 0.1, high: 0.2}
+     metric: loss
+     scheduler: {grace_period: 4}
+     """, "grace_period: 4 must be < max_t=4"),
+    ("""
+     params:
+       train.num_workers: {type: int, low: 1, high: 2}
+     metric: loss
+     """, "set resources.workers instead"),
+    ("""
+     params:
+       train.batch_size: {type: float, low: 4, high: 8}
+     metric: loss
+     """, "train.batch_size is an integer setting; use type: int"),
+    ("""
+     params:
+       train.lr: {type: log_float, low: 0.0, high: 0.1}
+     metric: loss
+     """, "a log-scale range needs low > 0"),
+    ("""
+     params:
+       train.lr: {type: categorical, choices: [0.1, 0.1]}
+     metric: loss
+     """, "has duplicates"),
+    ("""
+     params:
+       diffusion.schedule: {type: categorical, choices: [linear, quadratic]}
+     metric: loss
+     """, "'quadratic' is not a valid value"),
+    ("""
+     params:
+       method.weight_lora.r: {type: int, low: 2, high: 8}
+     metric: loss
+     """, "has no effect: the base config's method.name is 'lora_diffusion'"),
+    ("""
+     params:
+       method.lora_diffusion.rank_early: {type: categorical, choices: [8, 16]}
+     constraints: {rank_order: true}
+     metric: loss
+     """, "rank_order needs int ranges"),
+    ("""
+     params:
+       method.lora_diffusion.rank_early: {type: int, low: 2, high: 4}
+     constraints: {rank_order: true}
+     metric: loss
+     """, "admit no rank_early >= rank_mid >= rank_late"),
+    ("""
+     params:
+       train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2, when: {diffusion.schedule: cosine}}
+       diffusion.schedule: {type: categorical, choices: [linear, cosine]}
+     metric: loss
+     """, "listed after train.lr; list it first"),
+    ("""
+     params:
+       diffusion.schedule: {type: categorical, choices: [linear, cosine]}
+       train.lr@a: {type: log_float, low: 1.0e-4, high: 1.0e-2}
+       train.lr@b: {type: log_float, low: 1.0e-3, high: 1.0e-1}
+     metric: loss
+     """, "variants need `when` conditions that never hold together"),
+    ("""
+     params:
+       train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2, extra: 1}
+     metric: loss
+     """, "params.train.lr.extra: unknown setting"),
+    ("""
+     params:
+       train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}
+     metric: loss
+     resources: {trial_runner: in_process, workers: 2}
+     """, "in_process runs one worker"),
+], ids=lambda x: x if len(x) < 40 else None)
+def test_bad_spaces_name_the_problem(body, expected):
+    assert expected in error(body)
+
+
+def test_bad_base_config_names_the_key():
+    msg = error("""
+        params:
+          train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}
+        metric: loss
+    """, overrides=["train.batch_size=0"])
+    assert "base config" in msg and "train.batch_size" in msg
+    assert "does not exist" in str(pytest.raises(SpaceError, load_space, "/nonexistent/space.yaml").value)
+
+
+def test_phase_and_rank_key_constants_match_the_config():
+    from lora_diffusion.config import Config
+
+    flat = Config().flat()
+    assert all(k in flat for k in PHASE_KEYS + RANK_KEYS)
