@@ -62,7 +62,8 @@ class Trial:
 class Sweep:
     experiment: str
     experiment_id: str
-    tracking_uri: str
+    tracking_uri: str  # as given (may hold a password: never shown)
+    shown_uri: str  # the URI with any password masked, for the page
     metric: str  # the space's metric (what `objective` holds)
     mode: str  # "min" | "max"
     parents: list[Any]
@@ -73,14 +74,11 @@ class Sweep:
     notes: list[str] = field(default_factory=list)
 
     def ranked(self) -> list[Trial]:
-        """Trials with an objective, best first, then the others (in start order)."""
-        scored = [t for t in self.trials if t.objective is not None]
+        """Trials with an objective that did not fail, best first, then the others (in start order)."""
+        scored = _scored(self.trials)
         scored.sort(key=lambda t: t.objective, reverse=self.mode == "max")
-        rest = [t for t in self.trials if t.objective is None]
-        return scored + rest
-
-    def better(self, a: float, b: float) -> bool:
-        return a > b if self.mode == "max" else a < b
+        done = {t.run_id for t in scored}
+        return scored + [t for t in self.trials if t.run_id not in done]
 
 
 def parse_value(text: str | None) -> Any:
@@ -292,7 +290,7 @@ def load_sweep(experiment: str, tracking_uri: str | None = None, metric: str | N
         searched = [k for k in searched if any(k in t.params for t in trials)]
     else:
         searched, source = varying_keys(trials), "the config keys that differ between trials"
-    return Sweep(experiment=experiment, experiment_id=exp.experiment_id, tracking_uri=redact_uri(uri),
+    return Sweep(experiment=experiment, experiment_id=exp.experiment_id, tracking_uri=uri, shown_uri=redact_uri(uri),
                  metric=metric_name, mode=mode, parents=parents, trials=trials, searched=searched,
                  searched_source=source, log_keys=_log_keys(space), notes=notes)
 
@@ -320,7 +318,7 @@ class Note:
     text: str
 
 
-def _groups(sweep: Sweep, trials: Iterable[Trial]) -> dict[str, list[Trial]]:
+def _groups(trials: Iterable[Trial]) -> dict[str, list[Trial]]:
     out: dict[str, list[Trial]] = {}
     for t in trials:
         out.setdefault(t.method, []).append(t)
@@ -397,7 +395,7 @@ def best_table(sweep: Sweep, top: int) -> Section:
         counts[t.state] = counts.get(t.state, 0) + 1
     intro = (f"{len(sweep.trials)} trial(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
              + f". Ranked by <code>{OBJECTIVE}</code> (= {html.escape(sweep.metric)}, {sweep.mode}imised); "
-             "trials stopped early by the scheduler (PRUNED) are ranked on their last report.")
+             "trials stopped early by the scheduler (PRUNED) are ranked on their last report, failed ones come last.")
     return Section("best", "Best trials", intro, parts)
 
 
@@ -436,7 +434,7 @@ def parallel_coordinates(sweep: Sweep) -> Section:
     import plotly.graph_objects as go
 
     parts: list[Any] = []
-    groups = _groups(sweep, _scored(sweep.trials))
+    groups = _groups(_scored(sweep.trials))
     for method, trials in groups.items():
         # axes: the searched parameters every trial of this method has and that differ between them
         keys = [k for k in sweep.searched if all(k in t.params for t in trials) and _varies(trials, k)]
@@ -487,7 +485,7 @@ def efficiency_frontier(sweep: Sweep) -> Section:
         return Section("frontier", "Efficiency frontier", intro,
                        [Note("No scored trial logged trainable_params.")])
     fig = go.Figure()
-    for method, ts in _groups(sweep, trials).items():
+    for method, ts in _groups(trials).items():
         fig.add_trace(go.Scatter(
             x=[t.trainable for t in ts], y=[t.objective for t in ts], mode="markers", name=method,
             marker={"size": 10}, text=[t.name for t in ts],
@@ -556,7 +554,7 @@ def importances(sweep: Sweep, seed: int = 0) -> Section:
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
     parts: list[Any] = []
-    for method, trials in _groups(sweep, _scored(sweep.trials)).items():
+    for method, trials in _groups(_scored(sweep.trials)).items():
         dists = _distributions(sweep, trials, sweep.searched)
         if len(trials) < MIN_IMPORTANCE_TRIALS or not dists:
             parts.append(Note(f"{method}: not enough to estimate importances — {len(trials)} scored trial(s) "
@@ -668,9 +666,9 @@ def render(sweep: Sweep, sections: list[Section]) -> str:
 <script type="text/javascript">{get_plotlyjs()}</script>
 </head><body>
 <header><h1>Experiment {html.escape(sweep.experiment)}</h1>
-<p>MLflow store <code>{html.escape(sweep.tracking_uri)}</code> · experiment id {html.escape(sweep.experiment_id)} ·
+<p>MLflow store <code>{html.escape(sweep.shown_uri)}</code> · experiment id {html.escape(sweep.experiment_id)} ·
 sweep run {html.escape(parents)} · objective: {html.escape(sweep.metric)} ({sweep.mode}) · generated {generated}</p>
-<p>Open the runs in the MLflow UI: <code>mlflow ui --backend-store-uri {html.escape(sweep.tracking_uri)} --host 127.0.0.1</code>
+<p>Open the runs in the MLflow UI: <code>mlflow ui --backend-store-uri {html.escape(sweep.shown_uri)} --host 127.0.0.1</code>
 then <code>http://127.0.0.1:5000/#/experiments/{html.escape(sweep.experiment_id)}/runs</code></p></header>
 <nav>{nav}</nav>
 <main>{notes}{"".join(body)}</main>
