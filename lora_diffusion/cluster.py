@@ -38,6 +38,8 @@ CLUSTERS = {
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 PARTITION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(,[A-Za-z0-9][A-Za-z0-9_-]*)*$")
 JOBID_RE = re.compile(r"^[0-9]+(_[0-9]+)?$")
+DEPENDENCY_RE = re.compile(r"^(singleton|(after|afterany|afterok|afternotok|aftercorr|afterburstbuffer)(:[0-9]+(_[0-9]+)?(\+[0-9]+)?)+)"
+                           r"([,?](singleton|(after|afterany|afterok|afternotok|aftercorr|afterburstbuffer)(:[0-9]+(_[0-9]+)?(\+[0-9]+)?)+))*$")
 
 
 class ClusterError(ValueError):
@@ -105,6 +107,8 @@ class JobSpec:
     tracking_uri: str | None = None
     mlflow_ui: bool = True
     signal_lead: int | None = None
+    requeue: bool = True  # False: stop at the time limit; chain with `dependency` instead
+    dependency: str | None = None  # e.g. "afterany:12345"
     tune_args: list[str] = field(default_factory=list)
 
     @property
@@ -142,6 +146,9 @@ def validate(spec: JobSpec, *, need_sbatch: bool = True) -> None:
     if spec.partition is not None and not PARTITION_RE.match(spec.partition):
         raise ClusterError(f"--partition {spec.partition!r}: not a partition name; use letters, digits, '_' or '-', "
                            "several separated by commas (e.g. gpu or gpuserial,gpubackfill-serial)")
+    if spec.dependency is not None and not DEPENDENCY_RE.match(spec.dependency):
+        raise ClusterError(f"--dependency {spec.dependency!r}: not a SLURM dependency; use e.g. afterany:12345 "
+                           "(after, afterany, afterok, afternotok, aftercorr with job ids, or singleton)")
     if spec.account is not None and not NAME_RE.match(spec.account):
         raise ClusterError(f"--account {spec.account!r}: not an account name; use your project code, e.g. PAS1234")
     if spec.cluster is not None and spec.cluster not in CLUSTERS:
@@ -191,7 +198,8 @@ def _sbatch_options(spec: JobSpec) -> dict[str, str | bool | None]:
         "partition": spec.partition,
         "time": spec.time,
         "signal": f"B:USR1@{spec.lead_s}",
-        "requeue": True,
+        "requeue": True if spec.requeue else None,
+        "dependency": spec.dependency,
         "open-mode": "append",
         "output": str(out_dir / "%x-%j.out"),
         "chdir": str(spec.results_dir),
@@ -207,6 +215,7 @@ def _shell_settings(spec: JobSpec) -> dict[str, str]:
         "RESULTS_DIR=": f"RESULTS_DIR={q(str(spec.results_dir))}",
         "export RAY_SLURM_MLFLOW_UI=": f"export RAY_SLURM_MLFLOW_UI={int(spec.mlflow_ui)}",
         "export RAY_SLURM_DRAIN_S=": f"export RAY_SLURM_DRAIN_S={spec.drain_s}",
+        "export RAY_SLURM_REQUEUE=": f"export RAY_SLURM_REQUEUE={int(spec.requeue)}",
         "SPACE=": f"SPACE={q(str(spec.space)) if spec.space else ''}",
         "SWEEP_NAME=": f"SWEEP_NAME={q(spec.sweep_name) if spec.sweep_name else ''}",
         "EXTRA_ARGS=": "EXTRA_ARGS=(" + " ".join(q(a) for a in spec.tune_args) + ")",
@@ -371,6 +380,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///RESULTS_DIR/mlflow.db)")
     s.add_argument("--no-mlflow-ui", dest="mlflow_ui", action="store_false", help="do not start mlflow server on the head")
     s.add_argument("--signal-lead", type=int, help="seconds before the limit to save and requeue (default: 300, less for short jobs)")
+    s.add_argument("--no-requeue", dest="requeue", action="store_false",
+                   help="at the time limit, save and stop without requeueing (chain with --dependency instead)")
+    s.add_argument("--dependency", help="start after another job, e.g. afterany:12345 (chain a resumed sweep: add -- --resume)")
     s.add_argument("--dry-run", action="store_true", help="print the job script; submit nothing")
     for name in ("status", "cancel"):
         c = sub.add_parser(name, help=f"{'squeue/scontrol' if name == 'status' else 'scancel'} for a job")
@@ -407,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             cpus_per_node=args.cpus_per_node, job_name=args.job_name, sweep_name=args.sweep_name,
             results_dir=(args.results_dir or _default_results_dir(args.cluster, args.account)).resolve(),
             venv=venv.resolve(), tracking_uri=args.tracking_uri, mlflow_ui=args.mlflow_ui,
-            signal_lead=args.signal_lead, tune_args=extra,
+            signal_lead=args.signal_lead, requeue=args.requeue, dependency=args.dependency, tune_args=extra,
         )
         result = submit(spec, dry_run=args.dry_run)
     except ClusterError as e:

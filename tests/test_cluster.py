@@ -83,6 +83,7 @@ def test_parse_time_rejects_bad_limits(value, message):
     (["--time", "5", "--signal-lead", "300"], "must be shorter than the time limit"),
     (["--cpus-per-node", "0"], "--cpus-per-node 0: must be >= 1"),
     (["--name", "bad name"], "--name 'bad name'"),
+    (["--dependency", "after 12"], "--dependency 'after 12': not a SLURM dependency"),
 ])
 def test_bad_input_is_refused_before_submission(capsys, monkeypatch, tmp_path, space, args, message):
     monkeypatch.delenv("SBATCH_ACCOUNT", raising=False)
@@ -181,6 +182,15 @@ def test_cpus_per_node_replaces_exclusive_and_no_gpus_drops_the_line(tmp_path, s
     # all #SBATCH lines come before the first command (sbatch stops reading at the first one)
     first_cmd = next(i for i, ln in enumerate(lines) if ln and not ln.startswith("#"))
     assert max(i for i, ln in enumerate(lines) if ln.startswith("#SBATCH")) < first_cmd
+
+
+def test_no_requeue_and_dependency_chain(tmp_path, space):
+    spec = JobSpec(nodes=2, gpus_per_node=1, time="04:00:00", space=space, results_dir=tmp_path, requeue=False,
+                   dependency="afterany:4242", tune_args=["--resume"])
+    lines = render(spec).splitlines()
+    assert "#SBATCH --dependency=afterany:4242" in lines
+    assert "##SBATCH --requeue" in lines and "#SBATCH --requeue" not in lines
+    assert "export RAY_SLURM_REQUEUE=0" in lines and "EXTRA_ARGS=(--resume)" in lines
 
 
 def test_driver_words_survive_quoting(tmp_path):

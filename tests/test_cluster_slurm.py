@@ -196,16 +196,17 @@ def test_two_node_cluster_dashboard_token_and_scancel(local_slurm, tmp_path):
 # --------------------------------------------------------------------------- 2. time limit, requeue, resume
 
 SPACE = """\
-# A tiny sweep: builtin:tiny, 3 trials one at a time. 1200 optimizer steps (~20-40 s here) so that the
-# two trials after the first outlast SLURM's 30 s time-limit check even on an idle machine.
+# A tiny sweep: builtin:tiny, 3 trials one at a time, 2000 optimizer steps each (~22 s on an idle 2-core
+# machine, 80-160 s on a busy one), so that the two trials after the first outlast SLURM's 30 s time-limit
+# check: SIGUSR1 always finds the sweep unfinished.
 name: slurm-requeue
 overrides:
   model.base: builtin:tiny
   model.max_length: 32
   task.name: sst2
   task.eval_subset_size: 8
-  train.max_steps: 1200
-  train.report_every: 400
+  train.max_steps: 2000
+  train.report_every: 250
   train.batch_size: 8
   train.warmup_steps: 0
 params:
