@@ -57,15 +57,15 @@ stop_groups() {  # timeout pgid...
   return 0
 }
 
-# PIDs (of this user, on this node) whose environment carries RAY_SLURM_TAG=$RAY_SLURM_TAG.
+# PIDs on this node whose environment carries RAY_SLURM_TAG=$RAY_SLURM_TAG (one grep over /proc;
+# grep itself carries the tag and is gone by the time its PID is checked).
 tagged_pids() {
-  local d pid uid
-  uid=$(id -u)
-  for d in /proc/[0-9]*; do
-    pid=${d#/proc/}
+  local f pid
+  for f in $(grep -lzxF "RAY_SLURM_TAG=$RAY_SLURM_TAG" /proc/[0-9]*/environ 2>/dev/null); do
+    pid=${f#/proc/}
+    pid=${pid%/environ}
     [[ $pid == "$$" || $pid == "$BASHPID" ]] && continue
-    [[ -O $d ]] || [[ $uid == 0 ]] || continue
-    tr '\0' '\n' 2>/dev/null <"$d/environ" | grep -qxF "RAY_SLURM_TAG=$RAY_SLURM_TAG" && echo "$pid"
+    kill -0 "$pid" 2>/dev/null && echo "$pid"
   done
 }
 
@@ -138,6 +138,8 @@ if [[ ${1:-} == --node ]]; then
 fi
 
 # ---------------------------------------------------------------- head mode: checks first
+REQUEUE_WANTED=0
+trap 'REQUEUE_WANTED=1' USR1   # SIGUSR1 while starting: skip the driver, requeue (handler below)
 (($#)) || die "usage: ray_slurm.sh COMMAND [ARGS...] (inside a SLURM job: sbatch or salloc)"
 [[ -n ${SLURM_JOB_ID:-} ]] || die "SLURM_JOB_ID is not set: run this inside a SLURM job (sbatch cluster/ray_slurm.sbatch, or salloc)"
 JOB=$SLURM_JOB_ID
@@ -224,7 +226,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'say "SIGTERM: job cancelled or out of time"; exit 143' TERM
 trap 'exit 130' INT
-REQUEUE_WANTED=0
 on_usr1() {
   REQUEUE_WANTED=1
   say "SIGUSR1: time limit near; asking the driver to save and stop (SIGINT; up to ${DRAIN_S} s)"

@@ -108,11 +108,11 @@ cat >"$EPILOG" <<'EPI'
 # Skips prolog/epilog scripts themselves (both simulated nodes run theirs at once on this host)
 # and processes of the job's other (simulated) node.
 [ -n "$SLURM_JOB_ID" ] || exit 0
-for d in /proc/[0-9]*; do
+for f in $(grep -lzxF "SLURM_JOB_ID=$SLURM_JOB_ID" /proc/[0-9]*/environ 2>/dev/null); do
+  d=${f%/environ}
   pid=${d#/proc/}
   [ "$pid" = "$$" ] && continue
-  env=$(tr '\0' '\n' 2>/dev/null <"$d/environ") || continue
-  grep -qxF "SLURM_JOB_ID=$SLURM_JOB_ID" <<<"$env" || continue
+  env=$(tr '\0' '\n' 2>/dev/null <"$f") || continue
   grep -q '^SLURM_SCRIPT_CONTEXT=' <<<"$env" && continue
   # This node's processes only (the simulated nodes share one host, a real node sees only its own).
   grep -qxF "SLURMD_NODENAME=$SLURMD_NODENAME" <<<"$env" || continue
