@@ -193,6 +193,21 @@ def test_two_node_cluster_dashboard_token_and_scancel(local_slurm, tmp_path):
     assert "no process of this run is left" in text(out)
 
 
+@pytest.mark.timeout(300)
+def test_nodes_not_joining_in_time_is_a_clear_error(local_slurm, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_SLURM_JOIN_TIMEOUT", "1")  # sbatch passes the environment to the job
+    since = epilog_offset()
+    job, out, _ = submit(tmp_path / "runs", "--time", "10", "--no-mlflow-ui", "--command", "python -c 'print(1)'")
+    wait_for("the job to fail", lambda: job_fields(job).get("JobState") in ("FAILED", "COMPLETED"), 240, every=2,
+             on_timeout=lambda: text(out))
+    log = text(out)
+    assert job_fields(job)["JobState"] == "FAILED" and job_fields(job)["ExitCode"] == "2:0", job_fields(job)
+    assert re.search(r"only \d of 2 nodes joined the Ray cluster within 1 s \(RAY_SLURM_JOIN_TIMEOUT\)", log), log
+    assert "error: Ray cluster did not come up" in log and "driver:" not in log
+    assert "no process of this run is left" in log
+    assert not job_pids(job) and epilog_kills(job, since) == []
+
+
 # --------------------------------------------------------------------------- 2. time limit, requeue, resume
 
 SPACE = """\
