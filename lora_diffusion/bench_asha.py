@@ -15,6 +15,7 @@ the steps. "Within noise" is taken as: ASHA's best val_loss at most 2% above the
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from typing import Any
@@ -43,8 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
-    import os
-
     from lora_diffusion.bench_ray import prepare_data
 
     s = dict(PRESETS[size])
