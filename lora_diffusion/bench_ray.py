@@ -1,16 +1,20 @@
 """ray: the training loop plainly vs inside Ray Train, and Tune's per-trial orchestration overhead.
 
-1. plain: `train.train_loop` with a `LocalReporter` in a fresh process (after one short untimed
-   call that imports everything and fills the tokenisation cache), N steps.
-2. Ray Train: the same config through `train.make_trainer`'s scaling (one worker, the same CPUs and
-   torch threads) on a fresh local Ray cluster: `init_ray` + `fit()` + `ray.shutdown()`.
-   Both runs time-stamp every report (a thin reporter wrapper), so steps/s is measured between
-   the first and the last report (start-up excluded, reporting and checkpointing included) in
-   both. Fixed start-up cost = wall time - N / steps/s; Ray's extra = its fixed cost - plain's.
-3. Tune: `python -m lora_diffusion.tune` (in a fresh process) on a space of K short trials, one
-   at a time, no early stopping, MLflow into a fresh SQLite store. Per-trial orchestration
-   overhead = (time inside `Tuner.fit` - K x the same trial's plain wall time) / K; the one-off
-   costs (Ray start, MLflow set-up, the summary) are reported apart.
+1. Plain vs Ray Train, in one fresh process that starts one local Ray cluster (`train.init_ray`):
+   after an untimed warm-up call (imports, tokenisation cache), the same N-step config runs
+   alternately plainly (`train.train_loop` with a `LocalReporter`, in this process) and inside
+   Ray Train (`fit()` of a `TorchTrainer` with `train.make_trainer`'s scaling: one worker, the
+   same CPUs and torch threads), in the order plain, Ray, Ray, plain (--smoke: plain, Ray), so a
+   machine that speeds up or slows down affects both alike. Every report is time-stamped (a thin
+   reporter wrapper): steps/s is measured between the first and the last report (start-up
+   excluded; reporting and checkpointing included), also the loop's own samples/s. The ratio is
+   the median of the per-pair ratios. Fixed start-up cost = wall time - N / steps/s; Ray's extra
+   = its fixed cost per `fit()` + `ray.init` + `ray.shutdown` - the plain loop's fixed cost.
+2. Tune: `python -m lora_diffusion.tune` (in a fresh process) on a space of K short trials, one
+   at a time, no early stopping, MLflow into a fresh SQLite store. The same trial is run plainly
+   in that process right before and right after the sweep. Per-trial orchestration overhead =
+   (time inside `Tuner.fit` - K x the plain trial's mean wall time) / K; the one-off costs (Ray
+   start, MLflow set-up, the summary) are reported apart.
 
 Data: `--data-dir` (or $LORA_DIFFUSION_DATA_DIR) when given, else a small synthetic SST-2 folder
 (these numbers are about Ray and Tune, not the data). Goals (issue 8): Ray Train steps/s >= 0.97x
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -122,26 +127,18 @@ def steps_per_s(reports: list[dict[str, Any]], batch_size: int) -> dict[str, flo
     return {"steps_per_s": between, "loop_steps_per_s": loop}
 
 
-def plain(spec: dict[str, Any]) -> dict[str, Any]:
-    """train_loop with LocalReporter: an untimed warm-up call, the timed N-step run, the timed Tune trial."""
+def _plain_run(spec: dict[str, Any], steps: int, report_every: int, name: str) -> dict[str, Any]:
+    """One plain `train_loop` call (LocalReporter); its wall time and time-stamped reports."""
     from lora_diffusion.reporting import LocalReporter
     from lora_diffusion.train import train_loop
 
-    work = spec["work"]
-    warm = run_config_dict(spec, spec["data_dir"], work, 2, 1)
-    train_loop({"config": warm, "mlflow": None, "resume_from": None, "trial_name": "warmup"},
-               LocalReporter(Path(work) / "plain_warmup"))
-    rep = TimedReporter(LocalReporter(Path(work) / "plain"))
-    cfg = run_config_dict(spec, spec["data_dir"], work, spec["steps"], spec["report_every"])
+    rep = TimedReporter(LocalReporter(Path(spec["work"]) / name))
+    cfg = run_config_dict(spec, spec["data_dir"], spec["work"], steps, report_every)
     t0 = time.perf_counter()
-    train_loop({"config": cfg, "mlflow": None, "resume_from": None, "trial_name": "plain"}, rep)
+    train_loop({"config": cfg, "mlflow": None, "resume_from": None, "trial_name": name}, rep)
     wall = time.perf_counter() - t0
-    trial_cfg = run_config_dict(spec, spec["data_dir"], work, spec["trial_steps"], spec["trial_steps"])
-    t0 = time.perf_counter()
-    train_loop({"config": trial_cfg, "mlflow": None, "resume_from": None, "trial_name": "plain-trial"},
-               LocalReporter(Path(work) / "plain_trial"))
-    trial_wall = time.perf_counter() - t0
-    return {"wall_s": wall, "trial_wall_s": trial_wall, "reports": rep.reports}
+    shutil.rmtree(Path(spec["work"]) / name, ignore_errors=True)
+    return {"kind": "plain", "wall_s": wall, "reports": rep.reports}
 
 
 def ray_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -154,8 +151,8 @@ def ray_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     return rep.reports
 
 
-def ray_train(spec: dict[str, Any]) -> dict[str, Any]:
-    """The same N-step run inside Ray Train, one worker, on a fresh local cluster."""
+def train_runs(spec: dict[str, Any]) -> dict[str, Any]:
+    """Plain and Ray Train runs of the same config, interleaved, on one fresh local Ray cluster."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -164,26 +161,34 @@ def ray_train(spec: dict[str, Any]) -> dict[str, Any]:
     from lora_diffusion.train import init_ray, make_trainer
 
     work = spec["work"]
+    _plain_run(spec, 2, 1, "warmup")
     cfg_dict = run_config_dict(spec, spec["data_dir"], work, spec["steps"], spec["report_every"])
     loop_config = {"config": cfg_dict, "mlflow": None, "resume_from": None, "trial_name": "ray"}
     t0 = time.perf_counter()
     connected = init_ray(num_cpus=spec["threads"], dashboard=False)
-    t1 = time.perf_counter()
+    init_s = time.perf_counter() - t0
+    runs = []
     try:
-        run_config = ray.train.RunConfig(name="bench-ray-train", storage_path=str(Path(work) / "ray_storage"),
-                                         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1))
-        scaling = make_trainer(config_from_dict(cfg_dict), loop_config, run_config).scaling_config  # the project's scaling
-        trainer = TorchTrainer(ray_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
-        result = trainer.fit()
-        t2 = time.perf_counter()
+        scaling = make_trainer(config_from_dict(cfg_dict), loop_config).scaling_config  # the project's scaling
+        for i, kind in enumerate(spec["order"]):
+            if kind == "plain":
+                runs.append(_plain_run(spec, spec["steps"], spec["report_every"], f"plain_{i}"))
+                continue
+            run_config = ray.train.RunConfig(name=f"bench-ray-train-{i}", storage_path=str(Path(work) / "ray_storage"),
+                                             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1))
+            trainer = TorchTrainer(ray_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
+            t = time.perf_counter()
+            result = trainer.fit()
+            wall = time.perf_counter() - t
+            if not result.return_value:
+                raise BenchError("Ray Train returned no reports from the worker (result.return_value is empty)")
+            runs.append({"kind": "ray", "wall_s": wall, "reports": result.return_value})
     finally:
+        t = time.perf_counter()
         if connected:
             ray.shutdown()
-    t3 = time.perf_counter()
-    reports = result.return_value
-    if not reports:
-        raise BenchError("Ray Train returned no reports from the worker (result.return_value is empty)")
-    return {"init_s": t1 - t0, "fit_s": t2 - t1, "shutdown_s": t3 - t2, "wall_s": t3 - t0, "reports": reports,
+        shutdown_s = time.perf_counter() - t
+    return {"init_s": init_s, "shutdown_s": shutdown_s, "runs": runs,
             "scaling": {"num_workers": scaling.num_workers, "resources_per_worker": scaling.resources_per_worker}}
 
 
@@ -218,6 +223,10 @@ def tune_sweep(spec: dict[str, Any]) -> dict[str, Any]:
         finally:
             fit_times.append(time.perf_counter() - t)
 
+    plain_trials = []
+    if spec.get("plain_trial_bracket"):  # the same trial plainly, right before the sweep (after a warm-up call)
+        _plain_run(spec, 2, 1, "warmup")
+        plain_trials.append(_plain_run(spec, spec["trial_steps"], spec["trial_steps"], "plain_trial_before")["wall_s"])
     tune.Tuner.fit = timed_fit
     argv = [str(space_file), "--data-dir", spec["data_dir"], "--storage-path", str(work / "tune"),
             "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--num-cpus", str(spec["threads"]), "--no-dashboard"]
@@ -227,11 +236,14 @@ def tune_sweep(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         tune.Tuner.fit = original
     wall = time.perf_counter() - t0
+    if spec.get("plain_trial_bracket") and rc == 0:  # ... and right after it
+        plain_trials.append(_plain_run(spec, spec["trial_steps"], spec["trial_steps"], "plain_trial_after")["wall_s"])
     best_file = work / "tune" / spec["sweep_name"] / "best.json"
     if rc != 0 or not best_file.is_file():
         raise BenchError(f"python -m lora_diffusion.tune {' '.join(argv)} exited {rc} (best.json: {best_file.is_file()})")
     best = json.loads(best_file.read_text())
-    return {"wall_s": wall, "fit_s": fit_times[0] if fit_times else float("nan"), "best": best, "space": space}
+    return {"wall_s": wall, "fit_s": fit_times[0] if fit_times else float("nan"), "best": best, "space": space,
+            "plain_trial_s": plain_trials}
 
 
 def _flat_overrides(spec: dict[str, Any], steps: int) -> dict[str, Any]:
@@ -261,53 +273,64 @@ def prepare_data(args: argparse.Namespace, work: str, size: str) -> tuple[str, s
 
 def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
     s = _settings(args, size)
+    order = ["plain", "ray"] if size == "smoke" else ["plain", "ray", "ray", "plain"]
     with tempfile.TemporaryDirectory(prefix="lora_diffusion_bench_ray_") as work:
         data_dir, data_desc = prepare_data(args, work, size)
         spec = {**s, "work": work, "data_dir": data_dir}
-        print("[ray] plain loop (LocalReporter) …", flush=True)
-        p = run_isolated("lora_diffusion.bench_ray:plain", spec)
-        print(f"[ray] plain: {p['wall_s']:.1f} s for {s['steps']} steps", flush=True)
-        print("[ray] inside Ray Train (1 worker) …", flush=True)
-        r = run_isolated("lora_diffusion.bench_ray:ray_train", spec)
-        print(f"[ray] Ray Train: {r['wall_s']:.1f} s (init {r['init_s']:.1f}, fit {r['fit_s']:.1f}, "
-              f"shutdown {r['shutdown_s']:.1f})", flush=True)
+        print(f"[ray] {' / '.join(order)}: {s['steps']} steps each …", flush=True)
+        tr = run_isolated("lora_diffusion.bench_ray:train_runs", {**spec, "order": order})
+        for r in tr["runs"]:
+            print(f"[ray] {r['kind']}: {r['wall_s']:.1f} s", flush=True)
         print(f"[ray] Tune sweep of {s['trials']} one-worker trials …", flush=True)
         tspec = {**spec, "sweep_name": "bench-tune-overhead", "metric": "loss", "mode": "min", "scheduler": {"name": "none"},
-                 "params": {"train.lr": {"type": "log_float", "low": 1e-4, "high": 1e-3}}}
+                 "params": {"train.lr": {"type": "log_float", "low": 1e-4, "high": 1e-3}}, "plain_trial_bracket": True}
         t = run_isolated("lora_diffusion.bench_ray:tune_sweep", tspec)
 
-    ps, rs = steps_per_s(p["reports"], s["batch_size"]), steps_per_s(r["reports"], s["batch_size"])
-    plain_fixed = p["wall_s"] - s["steps"] / ps["steps_per_s"]
-    ray_fixed = r["wall_s"] - s["steps"] / rs["steps_per_s"]
+    runs = tr["runs"]
+    for r in runs:
+        r.update(steps_per_s(r.pop("reports"), s["batch_size"]))
+        r["fixed_s"] = r["wall_s"] - s["steps"] / r["steps_per_s"]
+    plain_runs = [r for r in runs if r["kind"] == "plain"]
+    ray_runs = [r for r in runs if r["kind"] == "ray"]
+    # pairs in time order: (plain, ray) and, with ABBA, (plain, ray) again from the end
+    pairs = [(runs[0], runs[1])] + ([(runs[3], runs[2])] if len(runs) == 4 else [])
+    ratio = median([r["steps_per_s"] / p["steps_per_s"] for p, r in pairs])
+    ratio_loop = median([r["loop_steps_per_s"] / p["loop_steps_per_s"] for p, r in pairs])
+
+    def summary(name: str, rs: list[dict[str, Any]], x: float, x_loop: float) -> dict[str, Any]:
+        return {"run": name, "runs": len(rs), "steps": s["steps"], "wall_s": median([r["wall_s"] for r in rs]),
+                "steps_per_s": median([r["steps_per_s"] for r in rs]),
+                "loop_steps_per_s": median([r["loop_steps_per_s"] for r in rs]),
+                "fixed_s": median([r["fixed_s"] for r in rs]), "x_plain": x, "x_plain_loop": x_loop}
+
+    rows = [summary("plain (LocalReporter)", plain_runs, 1.0, 1.0),
+            summary("Ray Train (1 worker)", ray_runs, ratio, ratio_loop)]
     trials = t["best"]["trials"]
     finished = sum(1 for x in trials if x["state"] == "FINISHED")
-    overhead = (t["fit_s"] - s["trials"] * p["trial_wall_s"]) / s["trials"]
-    rows = [
-        {"run": "plain (LocalReporter)", "steps": s["steps"], "wall_s": p["wall_s"], "steps_per_s": ps["steps_per_s"],
-         "loop_steps_per_s": ps["loop_steps_per_s"], "fixed_s": plain_fixed, "x_plain": 1.0, "x_plain_loop": 1.0},
-        {"run": "Ray Train (1 worker)", "steps": s["steps"], "wall_s": r["wall_s"], "steps_per_s": rs["steps_per_s"],
-         "loop_steps_per_s": rs["loop_steps_per_s"], "fixed_s": ray_fixed, "x_plain": rs["steps_per_s"] / ps["steps_per_s"],
-         "x_plain_loop": rs["loop_steps_per_s"] / ps["loop_steps_per_s"]},
-    ]
+    if finished != s["trials"]:
+        raise BenchError(f"Tune sweep: {finished} of {s['trials']} trials finished; states: {[x['state'] for x in trials]}")
+    plain_trial = sum(t["plain_trial_s"]) / len(t["plain_trial_s"])
+    overhead = (t["fit_s"] - s["trials"] * plain_trial) / s["trials"]
     tune_row = {
         "trials": s["trials"], "finished": finished, "trial_steps": s["trial_steps"],
-        "plain_trial_s": p["trial_wall_s"], "tuner_fit_s": t["fit_s"], "command_wall_s": t["wall_s"],
-        "one_off_s": t["wall_s"] - t["fit_s"], "per_trial_overhead_s": overhead,
-        "per_trial_s": t["fit_s"] / s["trials"],
+        "plain_trial_s": plain_trial, "plain_trial_before_s": t["plain_trial_s"][0], "plain_trial_after_s": t["plain_trial_s"][-1],
+        "tuner_fit_s": t["fit_s"], "command_wall_s": t["wall_s"], "one_off_s": t["wall_s"] - t["fit_s"],
+        "per_trial_s": t["fit_s"] / s["trials"], "per_trial_overhead_s": overhead,
         "trial_runner": "in_process" if t["space"]["resources"]["trial_runner"] in ("auto", "in_process") else "torch_trainer",
     }
     goals = [
-        goal("Ray Train steps/s >= 0.97x plain loop", rows[1]["x_plain"], 0.97, ">="),
+        goal("Ray Train steps/s >= 0.97x plain loop", ratio, 0.97, ">=",
+             note=f"loop-only throughput (reporting excluded): {ratio_loop:.3f}x"),
         goal("Tune per-trial orchestration overhead <= 5 s (one-worker trials)", overhead, 5.0),
     ]
-    if finished != s["trials"]:
-        raise BenchError(f"Tune sweep: {finished} of {s['trials']} trials finished; states: {[x['state'] for x in trials]}")
     return {
         "machine": machine_info(s["device"], s["threads"]),
-        "settings": {**s, "data": data_desc},
+        "settings": {**s, "data": data_desc, "order": order},
         "rows": rows,
-        "ray_startup": {"init_s": r["init_s"], "fit_s": r["fit_s"], "shutdown_s": r["shutdown_s"],
-                        "extra_fixed_s": ray_fixed - plain_fixed, "scaling": r["scaling"]},
+        "runs": runs,
+        "ray_startup": {"init_s": tr["init_s"], "fit_fixed_s": rows[1]["fixed_s"], "shutdown_s": tr["shutdown_s"],
+                        "extra_fixed_s": rows[1]["fixed_s"] + tr["init_s"] + tr["shutdown_s"] - rows[0]["fixed_s"],
+                        "scaling": tr["scaling"]},
         "tune": tune_row,
         "goals": goals,
     }
@@ -315,11 +338,11 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     s, st, tu = result["settings"], result["ray_startup"], result["tune"]
-    cols = [("run", "run"), ("steps", "steps"), ("wall_s", "wall s"), ("steps_per_s", "steps/s (reports)"),
+    cols = [("run", "run"), ("runs", "runs"), ("steps", "steps"), ("wall_s", "wall s"), ("steps_per_s", "steps/s (reports)"),
             ("loop_steps_per_s", "steps/s (loop)"), ("x_plain", "x plain"), ("x_plain_loop", "x plain (loop)"),
             ("fixed_s", "fixed start-up s")]
     tcols = [("trials", "trials"), ("trial_steps", "steps each"), ("trial_runner", "trial runner"),
-             ("plain_trial_s", "plain trial s"), ("per_trial_s", "Tune s / trial"),
+             ("plain_trial_s", "plain trial s (before/after mean)"), ("per_trial_s", "Tune s / trial"),
              ("per_trial_overhead_s", "overhead s / trial"), ("one_off_s", "one-off s (Ray, MLflow, summary)")]
     return "\n".join([
         f"### Benchmark `ray` ({result['size']})",
@@ -331,8 +354,10 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         table(result["rows"], cols),
         "",
-        f"Ray Train start-up: `ray.init` {st['init_s']:.1f} s, `fit()` {st['fit_s']:.1f} s (training included), "
-        f"shutdown {st['shutdown_s']:.1f} s; fixed cost over the plain loop: {st['extra_fixed_s']:.1f} s.",
+        f"Runs in this order: {', '.join(s['order'])} (medians; the ratio is the median of the per-pair ratios). "
+        f"Ray Train start-up: `ray.init` {st['init_s']:.1f} s once, fixed cost per `fit()` {st['fit_fixed_s']:.1f} s "
+        f"(plain loop: {result['rows'][0]['fixed_s']:.1f} s), `ray.shutdown` {st['shutdown_s']:.1f} s; Ray's extra "
+        f"fixed cost for one run: {st['extra_fixed_s']:.1f} s.",
         "",
         "Tune sweep (`python -m lora_diffusion.tune`, one trial at a time, no early stopping):",
         "",

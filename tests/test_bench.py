@@ -108,12 +108,13 @@ def test_ray_smoke(tmp_path):
     check_common(result, md, "ray")
     assert [r["run"] for r in result["rows"]] == ["plain (LocalReporter)", "Ray Train (1 worker)"]
     for r in result["rows"]:
-        has(r, "steps", "wall_s", "steps_per_s", "loop_steps_per_s", "fixed_s", "x_plain", "x_plain_loop")
+        has(r, "runs", "steps", "wall_s", "steps_per_s", "loop_steps_per_s", "fixed_s", "x_plain", "x_plain_loop")
         assert r["steps_per_s"] > 0
-    has(result["ray_startup"], "init_s", "fit_s", "shutdown_s", "extra_fixed_s")
+    assert [r["kind"] for r in result["runs"]] == result["settings"]["order"] == ["plain", "ray"]
+    has(result["ray_startup"], "init_s", "fit_fixed_s", "shutdown_s", "extra_fixed_s")
     assert result["ray_startup"]["scaling"]["num_workers"] == 1
     tu = result["tune"]
-    has(tu, "trials", "finished", "plain_trial_s", "tuner_fit_s", "command_wall_s", "one_off_s", "per_trial_overhead_s")
+    has(tu, "trials", "finished", "plain_trial_s", "plain_trial_before_s", "plain_trial_after_s", "tuner_fit_s", "command_wall_s", "one_off_s", "per_trial_overhead_s")
     assert tu["finished"] == tu["trials"] == result["settings"]["trials"]
     assert tu["tuner_fit_s"] < tu["command_wall_s"]
 
