@@ -308,12 +308,16 @@ def goal(name: str, measured: float, target: float, op: str = "<=", note: str = 
 # --------------------------------------------------------------------------- isolated runs
 
 
-def run_isolated(func: str, spec: dict[str, Any], timeout: float = 1800.0, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run `module:function(spec) -> dict` in a fresh Python process and return its dict.
+def run_isolated(func: str, spec: Any, timeout: float = 1800.0, env: dict[str, str] | None = None,
+                 stream: bool = False) -> Any:
+    """Run `module:function(spec)` in a fresh Python process and return its (JSON) result.
 
     Used so that each measurement has its own memory high-water mark and its own threads. The
-    child runs in its own process group, which is killed (by its id) on timeout.
+    child runs in its own process group, which is killed (by its id) on timeout. With `stream`,
+    the child's output is printed as it comes (long runs); otherwise only shown on failure.
     """
+    import threading
+
     with tempfile.TemporaryDirectory(prefix="lora_diffusion_bench_") as tmp:
         spec_file, out_file = Path(tmp, "spec.json"), Path(tmp, "out.json")
         spec_file.write_text(json.dumps(spec))
@@ -321,12 +325,29 @@ def run_isolated(func: str, spec: dict[str, Any], timeout: float = 1800.0, env: 
         full_env = {**os.environ, **(env or {})}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
                                 start_new_session=True)
+        timed_out: list[bool] = []
+
+        def kill() -> None:
+            timed_out.append(True)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        tail: list[str] = []
         try:
-            output, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-            raise BenchError(f"{func} timed out after {timeout:.0f} s; last output:\n{output[-3000:]}") from None
+            for line in proc.stdout:
+                if stream and line.strip() and "Loading weights" not in line:
+                    print(line, end="", flush=True)
+                tail = (tail + [line])[-60:]
+            proc.wait()
+        finally:
+            timer.cancel()
+        output = "".join(tail)
+        if timed_out:
+            raise BenchError(f"{func} timed out after {timeout:.0f} s; last output:\n{output[-3000:]}")
         if proc.returncode != 0 or not out_file.is_file():
             raise BenchError(f"{func} failed (exit {proc.returncode}); last output:\n{output[-3000:]}")
         return json.loads(out_file.read_text())

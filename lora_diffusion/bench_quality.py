@@ -127,11 +127,15 @@ def build_base(s: dict[str, Any], data_dir: str, out: Path) -> tuple[str, float]
         cmd += ["--sft-mix", str(s["pretrain_sft_mix"])]
     print("[quality] building the base: " + " ".join(cmd[2:]), flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        raise BenchError(f"pretrain failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    print("\n".join("[pretrain] " + ln for ln in lines[-3:]), flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    for line in proc.stdout:  # progress as it comes (loss, tokens/s)
+        line = line.rstrip()
+        if line and "Loading weights" not in line and "Writing model shards" not in line:
+            print("[pretrain] " + line, flush=True)
+            tail = (tail + [line])[-30:]
+    if proc.wait() != 0:
+        raise BenchError(f"pretrain failed (exit {proc.returncode}):\n" + "\n".join(tail))
     return str(out), time.perf_counter() - t0
 
 
@@ -223,10 +227,10 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
                 base_desc += f", kept in {args.keep_base}"
         common = {**s, "base": base, "data_dir": data_dir, "work": work}
         if size == "smoke":
-            results = run_isolated("lora_diffusion.bench_quality:train_eval_many", common, timeout=3600)
+            results = run_isolated("lora_diffusion.bench_quality:train_eval_many", common, timeout=3600, stream=True)
         else:
             results = [run_isolated("lora_diffusion.bench_quality:train_eval", {**common, "method": m, "lr": s["lr"][m]},
-                                    timeout=6 * 3600) for m in s["methods"]]
+                                    timeout=6 * 3600, stream=True) for m in s["methods"]]
 
     rows = []
     for r in results:
