@@ -161,9 +161,10 @@ class ObjectiveReporter:
     trial by raising SystemExit inside `report`: that is not a failure, and only the trial knows it.
     """
 
-    def __init__(self, inner, metric: str, tracker, max_steps: int):
+    def __init__(self, inner, metric: str, tracker, max_steps: int, first: tuple[str, ...] = ()):
         self._inner = inner
         self._metric = metric
+        self._first = first
         self._tracker = tracker
         self._max_steps = max_steps
 
@@ -171,7 +172,7 @@ class ObjectiveReporter:
         return getattr(self._inner, name)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir=None) -> None:
-        metrics = with_objective(metrics, self._metric)
+        metrics = with_objective(metrics, self._metric, self._first)
         step = int(metrics.get("step", 0))
         self._tracker.log_metrics(metrics, step=step)
         if checkpoint_dir is not None and step >= self._max_steps:
@@ -184,20 +185,24 @@ class ObjectiveReporter:
         self._inner.report(metrics, checkpoint_dir=checkpoint_dir)
 
 
-def with_objective(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
+def with_objective(metrics: dict[str, Any], metric: str, first: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`metrics` plus `objective` (when `metric` has a finite value), with the keys in `first` up front
+    (Tune's console table shows the first metrics of a trial's first report)."""
     v = metrics.get(metric)
+    out = {k: metrics[k] for k in first if k in metrics}
     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
-        return {**metrics, OBJECTIVE: float(v)}
-    return metrics
+        out[OBJECTIVE] = float(v)
+    out.update({k: val for k, val in metrics.items() if k not in out})
+    return out
 
 
-def _objective_callback(metric: str, uri: str | None, run_id: str | None):
+def _objective_callback(metric: str, uri: str | None, run_id: str | None, first: tuple[str, ...] = ()):
     """A `TuneReportCallback` for a nested TorchTrainer that also adds (and logs) `objective`."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class ObjectiveTuneReportCallback(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            metrics = [with_objective(m, metric) for m in metrics]
+            metrics = [with_objective(m, metric, first) for m in metrics]
             if uri and run_id and metrics and OBJECTIVE in metrics[0]:
                 from lora_diffusion.tracking import RunTracker
 
@@ -247,7 +252,8 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
             from lora_diffusion.train import train_loop
 
             loop_config["mlflow"] = None  # ObjectiveReporter logs instead (see there)
-            train_loop(loop_config, ObjectiveReporter(TuneReporter(), sweep["metric"], tracker, cfg.train.max_steps))
+            train_loop(loop_config, ObjectiveReporter(TuneReporter(), sweep["metric"], tracker, cfg.train.max_steps,
+                                                      sweep["console_metrics"]))
         else:
             import ray.train
 
@@ -255,7 +261,7 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
 
             run_config = ray.train.RunConfig(
                 name=f"trial_{trial_id}", storage_path=sweep["train_storage"],
-                callbacks=[_objective_callback(sweep["metric"], uri, tracker.run_id)],
+                callbacks=[_objective_callback(sweep["metric"], uri, tracker.run_id, sweep["console_metrics"])],
                 failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1))
             make_trainer(cfg, loop_config, run_config=run_config).fit()
@@ -856,7 +862,9 @@ def main(argv: list[str] | None = None) -> int:
         sweep = {"name": space.name, "base": space.base.to_dict(), "metric": space.metric, "tracking_uri": uri,
                  "experiment": space.name, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
                  "trial_runner": space.trial_runner, "train_storage": str(exp_dir / "train"),
-                 "retry_failed": args.retry_failed}
+                 "retry_failed": args.retry_failed,
+                 # Tune's trial table shows the first 4 metrics of the first report: make them these
+                 "console_metrics": tuple(dict.fromkeys(["step", space.scheduler_metric or "loss", space.metric, "loss"]))}
 
         # -- 3. the Tuner (new or restored) ------------------------------------------------------------
         res = space.resources_per_trial()["trial"]
