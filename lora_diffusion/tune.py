@@ -24,8 +24,18 @@ What happens, top to bottom (`main`):
 5. At the end: the best trials table, `best.json`, the best adapter registered in the MLflow
    model registry (`models:/<model_name>/<version>`, lineage = its trial's run).
 
-Trial states in MLflow (tag `trial_state`): FINISHED, FAILED (with an `error` tag), PRUNED
-(stopped early by ASHA: its last report came before `train.max_steps`).
+Trial states in MLflow (tag `trial_state`): RUNNING, FINISHED, FAILED (with an `error` tag), PRUNED
+(stopped early by ASHA: its last report came before `train.max_steps`), INTERRUPTED (the driver was
+stopped; a resume continues it), LOST (started after the last saved sweep state of a driver that was
+killed; its run is soft-deleted on resume and a new trial takes its place).
+
+Restore decision: failed trials stay failed (`resume_errored=False`: a deterministic error would only
+repeat); `--retry-failed` runs them again from their last checkpoint. A trial that ended after the
+last state save of a killed driver is not retrained: its MLflow run says how it ended, and the trial
+reports that result again.
+
+Exit codes: 0 done; 2 bad input (nothing started); 130 (SIGINT / SIGUSR1) or 143 (SIGTERM) when
+interrupted with the sweep saved -- rerun the same command (with --resume) to continue.
 """
 
 from __future__ import annotations
@@ -847,6 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     connected = False
     parent_run_id = None
+    previous_term = signal.getsignal(signal.SIGTERM)
     try:
         connected, dashboard = start_ray(args.num_cpus, not args.no_dashboard)
         signal.signal(signal.SIGTERM, on_term)  # after ray.init: Ray's core installs its own (abort) handler
@@ -912,6 +923,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if connected:
             ray.shutdown()
+        signal.signal(signal.SIGTERM, previous_term)
 
     c = result["counts"]
     print()
