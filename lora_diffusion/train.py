@@ -15,6 +15,10 @@ MLflow store.
 "run_id" (log into this run; its creator ends it) | "parent_run_id" (create a nested child run,
 ended here), "run_name", "tags"}, "resume_from": checkpoint folder | None, "trial_name": str | None}.
 
+The command ends its MLflow run FINISHED, FAILED (with an `error` tag) or, on Ctrl-C / SIGTERM
+(SLURM's time limit), KILLED. Rerunning with the same `tracking.run_name` resumes that Ray run from
+its last checkpoint (a new MLflow run, tagged with the same `ray_run_name`).
+
 Testing hooks (config): `train.fail_at_step=N` raises at step N of a run that did not start from
 a checkpoint (so a restarted run gets past it); `train.inject_nan_at_step=N` makes the loss NaN
 at step N, which stops the run with a clear error.
@@ -30,9 +34,11 @@ import math
 import os
 import resource
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -621,19 +627,27 @@ def main(argv: list[str] | None = None) -> int:
     connected = False
     import ray
 
+    def on_sigterm(signum, frame):  # SLURM's time limit / scancel: end the MLflow run KILLED, stop our Ray
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
         connected = init_ray(dashboard=not args.no_dashboard)
         result = make_trainer(cfg, loop_config).fit()
     except BaseException as e:  # noqa: BLE001 - every failure ends the MLflow run FAILED, then the command fails
+        interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
         if tracker is not None:
-            tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", error=error_text(e))
-        if isinstance(e, KeyboardInterrupt):
+            tracker.end("KILLED" if interrupted else "FAILED",
+                        error=f"interrupted ({'SIGTERM' if isinstance(e, SystemExit) else 'Ctrl-C'})" if interrupted else error_text(e))
+        if interrupted:
             raise
         print(f"error: training failed: {e}", file=sys.stderr)
         return 1
     finally:
         if connected:
             ray.shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if tracker is not None:
         tracker.end("FINISHED")
     final = {k: v for k, v in (result.metrics or {}).items() if k.startswith("eval_") or k in ("loss", "step", "val_loss")}
