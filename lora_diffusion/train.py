@@ -76,6 +76,17 @@ class DiffusionObjective(nn.Module):
         return denoise + reg, stats
 
 
+def keep_frozen_base_out_of_ddp(objective: DiffusionObjective) -> None:
+    """For a method whose base runs without a graph, DDP neither broadcasts nor all-reduces the base."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    adaptation = objective.adaptation
+    if adaptation.frozen_base_forward:
+        names = [f"adaptation.denoiser.{n}" for n, _ in adaptation.denoiser.named_parameters()]
+        names += [f"adaptation.denoiser.{n}" for n, _ in adaptation.denoiser.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(objective, names)
+
+
 class ResumableSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler (seeded shuffle per epoch) that can start an epoch part-way (`skip` indices)."""
 
@@ -269,12 +280,8 @@ def train_loop(loop_config: dict[str, Any], reporter) -> dict[str, Any]:
     model: nn.Module = objective
     if world > 1:
         import ray.train.torch
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        if adaptation.frozen_base_forward:  # the base runs without a graph: keep it out of DDP entirely
-            frozen = [f"adaptation.denoiser.{n}" for n, _ in denoiser.named_parameters()]
-            frozen += [f"adaptation.denoiser.{n}" for n, _ in denoiser.named_buffers()]
-            DDP._set_params_and_buffers_to_ignore_for_model(objective, frozen)
+        keep_frozen_base_out_of_ddp(objective)
         # find_unused_parameters: a batch may hold no timestep of some phase, so that bank gets no gradient
         model = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": True})
     named = adaptation.trainable_named_parameters()

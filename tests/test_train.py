@@ -189,6 +189,33 @@ def test_example_configs_load():
         load_config(f)
 
 
+@pytest.mark.parametrize("method", ["lora_diffusion", "bitfit"])
+def test_ddp_covers_exactly_the_trainable_parameters(method, tiny_config, tmp_path):
+    """DDP (a one-rank gloo group here) manages exactly what trains; LoRA-Diffusion's frozen base stays out."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from lora_diffusion.methods import build_method
+    from lora_diffusion.model import load_base
+    from lora_diffusion.train import DiffusionObjective, keep_frozen_base_out_of_ddp
+
+    cfg = config_from_dict({**tiny_config.to_dict(), "method": {"name": method}})
+    denoiser, tok = load_base(cfg.model)
+    adaptation = build_method(cfg.method, denoiser)
+    objective = DiffusionObjective(adaptation, cfg.diffusion, tok.mask_token_id, (1 / 3, 2 / 3))
+    keep_frozen_base_out_of_ddp(objective)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = DDP(objective, find_unused_parameters=True)
+        managed = {id(p) for p in ddp._module_parameters if p.requires_grad}
+        assert managed == {id(p) for _, p in adaptation.trainable_named_parameters()}
+        if method == "lora_diffusion":
+            assert all(n.startswith("adaptation.denoiser.") for n in ddp.parameters_to_ignore)
+            assert not {id(p) for p in ddp._module_parameters} & {id(p) for p in denoiser.parameters()}
+    finally:
+        dist.destroy_process_group()
+
+
 def test_sampler_resumes_inside_an_epoch():
     data = list(range(20))
     s = ResumableSampler(data, num_replicas=2, rank=1, seed=3)
