@@ -202,7 +202,7 @@ def _start_tracking(mlcfg: dict | None, cfg: Config, rank: int, reporter, trial_
 
 @torch.no_grad()
 def validation_loss(adaptation, loader, cfg: Config, mask_id: int, device: torch.device, b1b2) -> dict[str, float]:
-    """Denoising loss and masked-token accuracy on a fixed validation subset with fixed noise (comparable across steps)."""
+    """Denoising loss and masked-token accuracy (%) on a fixed validation subset with fixed noise (comparable across steps)."""
     was_training = adaptation.training
     adaptation.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 12_345)
@@ -216,7 +216,7 @@ def validation_loss(adaptation, loader, cfg: Config, mask_id: int, device: torch
         acc_sum += float(stats["accuracy_masked"]) * rows
         n += rows
     adaptation.train(was_training)
-    return {"val_loss": loss_sum / max(n, 1), "val_denoise_acc": acc_sum / max(n, 1)}
+    return {"val_loss": loss_sum / max(n, 1), "val_denoise_acc": 100.0 * acc_sum / max(n, 1)}  # percent, like eval_*
 
 
 def final_evaluation(adaptation, tokenizer, cfg: Config, out_dir: Path) -> dict[str, float]:
