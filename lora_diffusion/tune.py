@@ -385,8 +385,22 @@ def _make_searcher(space: Space, storage_url: str):
         """OptunaSearch that ignores reports without the objective (e.g. an eval_* metric exists only at the end)."""
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if OBJECTIVE in result:
+            if OBJECTIVE in result and not self._finished_in_study(trial_id):
                 super().on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if not self._finished_in_study(trial_id):
+                super().on_trial_complete(trial_id, result, error)
+
+        def _finished_in_study(self, trial_id: str) -> bool:
+            """The study already holds this trial as ended: the driver died after Optuna stored the trial's
+            end but before Tune saved its own state, so the restored Tune runs the trial again. Optuna
+            refuses to update an ended trial (UpdateFinishedTrialError), which would stop the sweep."""
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is None:
+                return False
+            state = self._ot_study._storage.get_trial(ot_trial._trial_id).state
+            return state.is_finished()
 
     import optuna
 

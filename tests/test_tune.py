@@ -212,3 +212,19 @@ def test_store_locations():
     assert tune.local_store_dir("postgresql://u:p@h/db") is None
     assert tune.artifact_location("sqlite:////a/b/mlflow.db", "sw") == "/a/b/mlartifacts/sw"
     assert tune.artifact_location("http://127.0.0.1:5000", "sw") is None
+
+
+def test_searcher_ignores_reports_for_a_trial_the_study_already_ended(tmp_path):
+    """After a driver crash, restored Tune may run again a trial whose end Optuna already stored:
+    its reports must not stop the sweep with Optuna's UpdateFinishedTrialError."""
+    space = load_space(Path(tune.__file__).resolve().parents[1] / "tune_spaces" / "quick.yaml")
+    searcher = tune._make_searcher(space, f"sqlite:///{tmp_path / 'study.db'}")
+    config = searcher.suggest("t1")
+    assert config
+    searcher.on_trial_result("t1", {tune.OBJECTIVE: 1.0, "training_iteration": 1})
+    searcher.on_trial_complete("t1", {tune.OBJECTIVE: 0.5, "training_iteration": 2})
+    assert searcher._finished_in_study("t1")
+    searcher.on_trial_result("t1", {tune.OBJECTIVE: 0.4, "training_iteration": 3})  # no error
+    searcher.on_trial_complete("t1", {tune.OBJECTIVE: 0.4, "training_iteration": 3})
+    trials = searcher._ot_study.trials
+    assert len(trials) == 1 and trials[0].state.is_finished() and trials[0].value == 0.5
