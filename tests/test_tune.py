@@ -215,16 +215,20 @@ def test_store_locations():
 
 
 def test_searcher_ignores_reports_for_a_trial_the_study_already_ended(tmp_path):
-    """After a driver crash, restored Tune may run again a trial whose end Optuna already stored:
-    its reports must not stop the sweep with Optuna's UpdateFinishedTrialError."""
+    """After a driver crash, the restored searcher (state saved before the trial ended) may see
+    reports of a trial whose end the Optuna study already stored: they must not stop the sweep."""
     space = load_space(Path(tune.__file__).resolve().parents[1] / "tune_spaces" / "quick.yaml")
-    searcher = tune._make_searcher(space, f"sqlite:///{tmp_path / 'study.db'}")
-    config = searcher.suggest("t1")
-    assert config
-    searcher.on_trial_result("t1", {tune.OBJECTIVE: 1.0, "training_iteration": 1})
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    (tmp_path / "state").mkdir()
+    searcher = tune._make_searcher(space, url)
+    assert searcher.suggest("t1")
+    searcher.save_to_dir(str(tmp_path / "state"))  # Tune's last save: t1 still running
     searcher.on_trial_complete("t1", {tune.OBJECTIVE: 0.5, "training_iteration": 2})
-    assert searcher._finished_in_study("t1")
-    searcher.on_trial_result("t1", {tune.OBJECTIVE: 0.4, "training_iteration": 3})  # no error
-    searcher.on_trial_complete("t1", {tune.OBJECTIVE: 0.4, "training_iteration": 3})
-    trials = searcher._ot_study.trials
+
+    restored = tune._make_searcher(space, url)
+    restored.restore_from_dir(str(tmp_path / "state"))
+    assert restored._finished_in_study("t1")
+    restored.on_trial_result("t1", {tune.OBJECTIVE: 0.4, "training_iteration": 3})  # no error
+    restored.on_trial_complete("t1", {tune.OBJECTIVE: 0.4, "training_iteration": 3})
+    trials = restored._ot_study.trials
     assert len(trials) == 1 and trials[0].state.is_finished() and trials[0].value == 0.5
