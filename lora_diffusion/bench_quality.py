@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections import Counter
 import shutil
 import subprocess
 import sys
@@ -139,6 +140,18 @@ def build_base(s: dict[str, Any], data_dir: str, out: Path) -> tuple[str, float]
     return str(out), time.perf_counter() - t0
 
 
+def _pretrain_note(folder: Path) -> str:
+    """What a base folder's pretrain_metrics.jsonl says about how it was made (empty when absent)."""
+    import json
+
+    f = folder / "pretrain_metrics.jsonl"
+    try:
+        last = json.loads(f.read_text().strip().splitlines()[-1])
+        return f" (pretrained {last['step']} steps, last loss {last['loss']:.2f}, masked accuracy {last['masked_acc']:.3f})"
+    except (OSError, IndexError, KeyError, ValueError):
+        return ""
+
+
 # --------------------------------------------------------------------------- one method, its seeds (child process)
 
 
@@ -179,13 +192,19 @@ def train_eval(spec: dict[str, Any]) -> dict[str, Any]:
         adaptation, tokenizer, _ = load_adapter(str(reporter.checkpoints[-1] / "adapter"), base=spec["base"])
         if spec["device"].startswith("cuda"):
             adaptation.to(spec["device"])
-        metrics, _ = evaluate(adaptation, tokenizer, cfg)
+        metrics, predictions = evaluate(adaptation, tokenizer, cfg)
         eval_s = time.perf_counter() - t0
+        refs = Counter(p["reference"] for p in predictions)
+        preds = Counter(p["prediction"] for p in predictions)
         runs.append({
             "seed": seed, "accuracy": float(metrics["accuracy"]) / 100.0, "denoise_acc": float(metrics["denoise_acc"]) / 100.0,
             "non_label_rate": float(metrics.get("non_label_rate", 0.0)) / 100.0, "n_eval": int(metrics.get("n_examples", 0)),
             "final_loss": float(last["loss"]), "trainable": int(last["trainable_params"]), "total": int(last["total_params"]),
             "train_s": train_s, "eval_s": eval_s, "steps_per_s": spec["steps"] / train_s,
+            # collapse check: the share of the most frequent output, and what always answering the
+            # most frequent reference would score
+            "top_prediction": preds.most_common(1)[0][0], "top_prediction_share": preds.most_common(1)[0][1] / len(predictions),
+            "majority_baseline": refs.most_common(1)[0][1] / len(predictions),
         })
         print(f"[quality] {spec['method']} seed {seed}: accuracy {runs[-1]['accuracy']:.3f}, denoise_acc "
               f"{runs[-1]['denoise_acc']:.3f}, {train_s:.0f} s training, {eval_s:.0f} s evaluation", flush=True)
@@ -217,11 +236,12 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
         pretrain_s = 0.0
         if args.base:
             base = str(Path(args.base).resolve())
-            base_desc = f"given folder {base}"
+            base_desc = f"given folder {base}" + _pretrain_note(Path(base))
         else:
             base, pretrain_s = build_base(s, data_dir, Path(work) / "base")
             base_desc = (f"pretrain from {s['base_model']}: {s['pretrain_steps']} steps x {s['pretrain_batch']} x "
-                         f"{s['max_length']} tokens of SST-2 train sentences (sft-mix {s['pretrain_sft_mix']})")
+                         f"{s['max_length']} tokens of SST-2 train sentences (sft-mix {s['pretrain_sft_mix']})"
+                         + _pretrain_note(Path(base)))
             if args.keep_base:
                 shutil.copytree(base, args.keep_base, dirs_exist_ok=True)
                 base_desc += f", kept in {args.keep_base}"
@@ -245,6 +265,8 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
             "trainable_pct": 100.0 * runs[0]["trainable"] / max(1, runs[0]["total"]),
             "train_s": mean_std([x["train_s"] for x in runs])[0], "eval_s": mean_std([x["eval_s"] for x in runs])[0],
             "n_eval": runs[0]["n_eval"], "seeds": [x["seed"] for x in runs], "per_seed_accuracy": [x["accuracy"] for x in runs],
+            "top_prediction_share": mean_std([x["top_prediction_share"] for x in runs])[0],
+            "top_predictions": [x["top_prediction"] for x in runs], "majority_baseline": runs[0]["majority_baseline"],
         })
     by = {r["method"]: r for r in rows}
     goals = []
@@ -268,7 +290,8 @@ def markdown(result: dict[str, Any]) -> str:
     rows = [{**r, "acc": f"{r['accuracy']:.3f} ± {r['accuracy_std']:.3f}",
              "dacc": f"{r['denoise_acc']:.3f} ± {r['denoise_acc_std']:.3f}"} for r in result["rows"]]
     cols = [("method", "method"), ("lr", "lr"), ("acc", "accuracy (mean ± std)"), ("dacc", "denoising acc"),
-            ("non_label_rate", "non-label outputs"), ("trainable", "trainable"), ("trainable_pct", "trainable %"),
+            ("non_label_rate", "non-label outputs"), ("top_prediction_share", "most frequent output"),
+            ("trainable", "trainable"), ("trainable_pct", "trainable %"),
             ("train_s", "train s / run"), ("eval_s", "eval s / run")]
     n_eval = result["rows"][0]["n_eval"] if result["rows"] else 0
     return "\n".join([
@@ -279,7 +302,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Data: {s['data']}; base: {s['base']} ({s['pretrain_s']:.0f} s). Every method: {s['steps']} steps x batch "
         f"{s['batch_size']} x {s['max_length']} tokens" + (f" on a {s['subset']}-example training subset" if s.get("subset") else "")
         + f", seeds {', '.join(map(str, s['seeds']))}; evaluated on {n_eval} validation examples, {s['sampling_steps']} "
-        "reverse steps, accuracy of the generated label word.",
+        "reverse steps, accuracy of the generated label word"
+        + (f"; always answering the majority label scores {result['rows'][0]['majority_baseline']:.3f}." if result["rows"] else "."),
         "",
         table(rows, cols),
         "",

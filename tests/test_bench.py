@@ -146,7 +146,7 @@ def test_quality_smoke(tmp_path):
     assert n_seeds >= 2
     for r in rows.values():
         has(r, "accuracy", "accuracy_std", "denoise_acc", "denoise_acc_std", "non_label_rate", "trainable", "total",
-            "trainable_pct", "train_s", "eval_s", "n_eval", "lr")
+            "trainable_pct", "train_s", "eval_s", "n_eval", "lr", "top_prediction_share", "majority_baseline")
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["denoise_acc"] <= 1.0
         assert len(r["per_seed_accuracy"]) == n_seeds
         assert r["n_eval"] == 64  # the whole (synthetic) validation split
