@@ -27,7 +27,7 @@ NOISE_REL = 0.02
 PRESETS = {
     "smoke": dict(base="builtin:tiny", max_length=48, batch_size=8, trials=3, trial_steps=6, trial_report_every=2,
                   val_examples=32, subset=128, threads=1),
-    "quick": dict(base="minilm", max_length=64, batch_size=16, trials=8, trial_steps=30, trial_report_every=5,
+    "quick": dict(base="minilm", max_length=64, batch_size=16, trials=16, trial_steps=30, trial_report_every=5,
                   val_examples=128, subset=2048, threads=2),
     "full": dict(base="minilm", max_length=128, batch_size=32, trials=16, trial_steps=200, trial_report_every=20,
                  val_examples=512, subset=None, threads=None),

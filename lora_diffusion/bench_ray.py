@@ -290,6 +290,8 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
     for r in runs:
         r.update(steps_per_s(r.pop("reports"), s["batch_size"]))
         r["fixed_s"] = r["wall_s"] - s["steps"] / r["steps_per_s"]
+        # seconds a report (+ checkpoint) adds: a report window's time minus the loop's own time for its steps
+        r["report_s"] = s["report_every"] * (1.0 / r["steps_per_s"] - 1.0 / r["loop_steps_per_s"])
     plain_runs = [r for r in runs if r["kind"] == "plain"]
     ray_runs = [r for r in runs if r["kind"] == "ray"]
     # pairs in time order: (plain, ray) and, with ABBA, (plain, ray) again from the end
@@ -301,7 +303,8 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
         return {"run": name, "runs": len(rs), "steps": s["steps"], "wall_s": median([r["wall_s"] for r in rs]),
                 "steps_per_s": median([r["steps_per_s"] for r in rs]),
                 "loop_steps_per_s": median([r["loop_steps_per_s"] for r in rs]),
-                "fixed_s": median([r["fixed_s"] for r in rs]), "x_plain": x, "x_plain_loop": x_loop}
+                "fixed_s": median([r["fixed_s"] for r in rs]), "report_s": median([r["report_s"] for r in rs]),
+                "x_plain": x, "x_plain_loop": x_loop}
 
     rows = [summary("plain (LocalReporter)", plain_runs, 1.0, 1.0),
             summary("Ray Train (1 worker)", ray_runs, ratio, ratio_loop)]
@@ -340,7 +343,7 @@ def markdown(result: dict[str, Any]) -> str:
     s, st, tu = result["settings"], result["ray_startup"], result["tune"]
     cols = [("run", "run"), ("runs", "runs"), ("steps", "steps"), ("wall_s", "wall s"), ("steps_per_s", "steps/s (reports)"),
             ("loop_steps_per_s", "steps/s (loop)"), ("x_plain", "x plain"), ("x_plain_loop", "x plain (loop)"),
-            ("fixed_s", "fixed start-up s")]
+            ("report_s", "s per report"), ("fixed_s", "fixed start-up s")]
     tcols = [("trials", "trials"), ("trial_steps", "steps each"), ("trial_runner", "trial runner"),
              ("plain_trial_s", "plain trial s (before/after mean)"), ("per_trial_s", "Tune s / trial"),
              ("per_trial_overhead_s", "overhead s / trial"), ("one_off_s", "one-off s (Ray, MLflow, summary)")]

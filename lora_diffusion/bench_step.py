@@ -32,7 +32,7 @@ from lora_diffusion.bench import (
     BenchError, PeakMemory, goal, goals_table, machine_info, machine_line, median, run_isolated, synthetic_batch,
     table, time_calls,
 )
-from lora_diffusion.config import METHOD_NAMES
+from lora_diffusion.config import METHOD_NAMES, ConfigError, load_config
 
 FLOOR = "base_forward"
 
@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, help="untimed steps before timing")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="method.* / diffusion.* config override for every method, e.g. "
+                        "method.lora_diffusion.rank_norm=frobenius (repeatable)")
     p.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                    help="torch.profiler breakdown of lora_diffusion's step: when a goal is missed (auto)")
 
@@ -118,7 +121,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from lora_diffusion.adapter import save_adapter
-    from lora_diffusion.config import DiffusionConfig, MethodConfig, ModelConfig
+    from lora_diffusion.config import ModelConfig, load_config
     from lora_diffusion.diffusion import diffusion_step_loss
     from lora_diffusion.methods import build_method
     from lora_diffusion.model import load_base
@@ -131,7 +134,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     denoiser, tokenizer = load_base(model_cfg, seed=0)
     denoiser.to(device)
     batch = synthetic_batch(tokenizer, spec["batch_size"], spec["seq_len"], spec["target_len"], device=device)
-    dcfg = DiffusionConfig()
+    run_cfg = load_config(None, [*spec.get("overrides", []), f"method.name={method if method != FLOOR else 'lora_diffusion'}"])
+    dcfg = run_cfg.diffusion
     mask_id = tokenizer.mask_token_id
     amp = (torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
            if spec.get("precision") == "bf16" else contextlib.nullcontext())
@@ -144,7 +148,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                    adapter_mb=0.0, adapter_files_mb=0.0)
         adaptation = None
     else:
-        method_cfg = MethodConfig(name=method)
+        method_cfg = run_cfg.method
         adaptation = build_method(method_cfg, denoiser).to(device)
         adaptation.train()
         params = [p for p in adaptation.parameters() if p.requires_grad]
@@ -154,7 +158,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         def step():
             with amp:
                 with torch.profiler.record_function("forward + loss"):
-                    loss, _ = diffusion_step_loss(adaptation, batch, dcfg, mask_id, generator=gen, b1b2=(1 / 3, 2 / 3))
+                    loss, _ = diffusion_step_loss(adaptation, batch, dcfg, mask_id, generator=gen,
+                                                  b1b2=(method_cfg.lora_diffusion.b1, method_cfg.lora_diffusion.b2))
                 with torch.profiler.record_function("regularizer"):
                     loss = loss + adaptation.regularization_loss()
             with torch.profiler.record_function("backward"):
@@ -270,7 +275,14 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
         if unknown:
             raise BenchError(f"--methods: unknown {', '.join(unknown)}; allowed: {', '.join(METHOD_NAMES)}")
         methods = [m for m in METHOD_NAMES if m in asked or m in ("weight_lora", "lora_diffusion")]
-    spec = {**preset, "device": args.device, "precision": args.precision}
+    for item in args.overrides:
+        if not item.startswith(("method.", "diffusion.")) or item.startswith("method.name"):
+            raise BenchError(f"--set {item!r}: only method.<method>.* and diffusion.* keys (the base and batch have their own options)")
+    try:
+        load_config(None, args.overrides)
+    except ConfigError as e:
+        raise BenchError(f"--set: {e}") from None
+    spec = {**preset, "device": args.device, "precision": args.precision, "overrides": list(args.overrides)}
 
     rows: list[dict[str, Any]] = []
     for name in [FLOOR, *methods]:
@@ -322,7 +334,8 @@ def markdown(result: dict[str, Any]) -> str:
         machine_line(result["machine"]),
         "",
         f"Base `{s['base']}`, batch {s['batch_size']} x {s['seq_len']} tokens (target span {s['target_len']}), "
-        f"{s['precision']}, median of {s['steps']} steps after {s['warmup']} warm-up; memory: {result['rows'][0]['memory_kind']}.",
+        f"{s['precision']}, median of {s['steps']} steps after {s['warmup']} warm-up; memory: {result['rows'][0]['memory_kind']}"
+        + (f"; overrides: {', '.join(s['overrides'])}." if s.get("overrides") else "."),
         "",
         table(rows, cols),
         "",

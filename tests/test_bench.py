@@ -108,7 +108,7 @@ def test_ray_smoke(tmp_path):
     check_common(result, md, "ray")
     assert [r["run"] for r in result["rows"]] == ["plain (LocalReporter)", "Ray Train (1 worker)"]
     for r in result["rows"]:
-        has(r, "runs", "steps", "wall_s", "steps_per_s", "loop_steps_per_s", "fixed_s", "x_plain", "x_plain_loop")
+        has(r, "runs", "steps", "wall_s", "steps_per_s", "loop_steps_per_s", "fixed_s", "report_s", "x_plain", "x_plain_loop")
         assert r["steps_per_s"] > 0
     assert [r["kind"] for r in result["runs"]] == result["settings"]["order"] == ["plain", "ray"]
     has(result["ray_startup"], "init_s", "fit_fixed_s", "shutdown_s", "extra_fixed_s")
@@ -164,11 +164,20 @@ def test_quality_smoke(tmp_path):
     (["quality", "--quick", "--data-dir", "/nonexistent/data"], "missing sst2/train.jsonl"),
     (["quality", "--smoke", "--lr", "bogus=1e-3"], "unknown method 'bogus'"),
     (["ray", "--smoke", "--steps", "4", "--report-every", "2"], "need at least 3 reports"),
+    (["step", "--smoke", "--set", "model.base=minilm"], "only method.<method>.* and diffusion.* keys"),
 ])
 def test_bad_input(argv, needle, tmp_path, capsys):
     assert bench.main([*argv, "--out", str(tmp_path)]) == 2
     assert needle in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_bad_input_through_the_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lora_diffusion.bench", "step", "--smoke", "--set",
+                           "method.lora_diffusion.rank_norm=bogus", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "method.lora_diffusion.rank_norm: got 'bogus'" in proc.stderr
 
 
 def test_quality_needs_real_data_unless_smoke(tmp_path, capsys, monkeypatch):
