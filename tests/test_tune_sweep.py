@@ -60,22 +60,33 @@ resources: {workers: 1, cpus_per_worker: 1}
 model_name: tiny-sweep-best
 """
 GOOD, BAD = 1e-2, 1e-7
+# the kill-and-resume sweep trains longer, so that trials are still running when the driver is killed
+LONG_STEPS, LONG_EVERY = 160, 20
+
+
+def long_sweep(seed: int) -> str:
+    return (SWEEP.replace("SEED", str(seed)).replace("train.max_steps: 8", f"train.max_steps: {LONG_STEPS}")
+            .replace("train.report_every: 2", f"train.report_every: {LONG_EVERY}")
+            .replace("train.eval_every: 2 ", f"train.eval_every: {LONG_EVERY} "))
 
 
 def choose_seed(tmp_path: Path) -> tuple[int, list[dict]]:
     """The first sampler seed whose 6 configs (deterministic, as --dry-run shows) make a telling sweep:
-    trials 1-2 learn and finish (so ASHA has a record when later trials reach a rung), and among
-    trials 3-6 exactly one raises, at least one does not learn (ASHA stops it) and one learns."""
+    trials 1-2 learn and finish (so ASHA has a record when later trials reach a rung), among trials 3-6
+    exactly one raises, trial 3 or 4 does not learn (ASHA stops it early), one learns, and trial 6
+    does not raise, so it is still running, however fast the machine, when the driver is killed after
+    the first prune."""
     from lora_diffusion.search_space import load_space
 
-    for seed in range(500):
-        samples = load_space(text=SWEEP.replace("SEED", str(seed))).sample(6)
+    for seed in range(2000):
+        samples = load_space(text=long_sweep(seed)).sample(6)
         ok = lambda s, lr: s["train.lr"] == lr and s["train.fail_at_step"] is None  # noqa: E731
         later = samples[2:]
         if (ok(samples[0], GOOD) and ok(samples[1], GOOD) and sum(s["train.fail_at_step"] == 1 for s in later) == 1
-                and any(ok(s, BAD) for s in later) and any(ok(s, GOOD) for s in later)):
+                and any(ok(s, BAD) for s in later[:2]) and any(ok(s, GOOD) for s in later)
+                and samples[5]["train.fail_at_step"] is None):
             return seed, samples
-    raise AssertionError("no seed in 0..499 gives the wanted sweep")
+    raise AssertionError("no seed in 0..1999 gives the wanted sweep")
 
 
 def driver(tmp_path: Path, space: Path, *extra: str) -> list[str]:
@@ -125,7 +136,7 @@ def test_sweep_killed_and_resumed(tmp_path):
     write_sst2(tmp_path / "data")
     seed, samples = choose_seed(tmp_path)
     space = tmp_path / "sweep.yaml"
-    space.write_text(SWEEP.replace("SEED", str(seed)))
+    space.write_text(long_sweep(seed))
     db = tmp_path / "mlflow.db"
 
     # -- run 1: killed by PID once a trial has finished and one was stopped by ASHA ----------------------
@@ -139,7 +150,7 @@ def test_sweep_killed_and_resumed(tmp_path):
             if "PRUNED" in states.values() and "FINISHED" in states.values():
                 break
             assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-4000:]
-            time.sleep(0.5)
+            time.sleep(0.2)
         else:
             pytest.fail("no trial pruned and finished within 600 s:\n" + (tmp_path / "run1.log").read_text()[-4000:])
         os.kill(proc.pid, signal.SIGKILL)
@@ -204,12 +215,12 @@ def test_sweep_killed_and_resumed(tmp_path):
     assert len(failed) == 1 and failed[0].info.status == "FAILED"
     assert "fail_at_step=1" in failed[0].data.tags["error"] and failed[0].data.params["train.fail_at_step"] == "1"
     pruned = [r for r in children if r.data.tags["trial_state"] == "PRUNED"]
-    assert pruned and all(r.info.status == "KILLED" and int(r.data.tags["pruned_at_step"]) < 8 for r in pruned)
+    assert pruned and all(r.info.status == "KILLED" and int(r.data.tags["pruned_at_step"]) < LONG_STEPS for r in pruned)
     finished = [r for r in children if r.data.tags["trial_state"] == "FINISHED"]
     assert len(finished) + len(pruned) + 1 == 6 and finished
     for r in finished:
-        assert r.info.status == "FINISHED" and "objective" in r.data.metrics and r.data.metrics["step"] == 8
-        assert [h.step for h in client.get_metric_history(r.info.run_id, "objective")] == [8]
+        assert r.info.status == "FINISHED" and "objective" in r.data.metrics and r.data.metrics["step"] == LONG_STEPS
+        assert [h.step for h in client.get_metric_history(r.info.run_id, "objective")] == [LONG_STEPS]
         assert {"adapter", "config.yaml", "eval"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
     assert states == {r["trial_id"]: r["state"] for r in best["trials"]}
 
