@@ -195,6 +195,9 @@ class TrainConfig(_Section):
     val_examples: int = Field(256, gt=0, description="validation examples for val_loss")
     # Checkpoints Ray keeps per run (the most recent ones); None keeps all.
     keep_checkpoints: int | None = Field(2, gt=0, description="checkpoints kept per run (None = all)")
+    # How often Ray Train's controller polls the workers. A worker's report waits until the controller
+    # has taken the previous one, so Ray's default (2 s) stalls any run that reports more often.
+    controller_poll_s: float = Field(0.5, gt=0, description="Ray Train controller poll interval, seconds")
 
 
 # --------------------------------------------------------------------------- sampling

@@ -468,6 +468,8 @@ def make_trainer(cfg: Config, loop_config: dict[str, Any], run_config=None):
     from ray.train.torch import TorchTrainer
 
     tc = cfg.train
+    # Ray Train passes this variable from the process that calls fit() to its controller actor.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(tc.controller_poll_s)
     resources = {"CPU": tc.cpus_per_worker}
     if tc.gpus_per_worker > 0:
         resources["GPU"] = tc.gpus_per_worker

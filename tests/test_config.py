@@ -29,6 +29,7 @@ from lora_diffusion.config import Config, ConfigError, config_from_dict, load_co
         ("diffusion.time=both", "diffusion.time", "'discrete' or 'continuous'"),
         ("diffusion.T=0", "diffusion.T", "greater than or equal to 1"),
         ("train.lr=0", "train.lr", "greater than 0"),
+        ("train.controller_poll_s=0", "train.controller_poll_s", "greater than 0"),
         ("train.foo=1", "train.foo", "unknown key; allowed here: seed, lr"),
         ("bogus=1", "bogus", "unknown key; allowed here: model, diffusion, method, task, train, sampling, tracking"),
         ("method.lora_diffusion.rank=4", "method.lora_diffusion.rank", "unknown key; allowed here: b1, b2, rank_early"),

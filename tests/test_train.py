@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -259,3 +260,17 @@ def test_command_rejects_a_checkpoint_of_another_method(data_dir, tmp_path, caps
     assert main(tiny_overrides(data_dir) + ["--resume-from", str(tmp_path)]) == 2
     assert "train_state.json is missing" in capsys.readouterr().err
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_make_trainer_hands_the_controller_poll_interval_to_ray(monkeypatch, tmp_path):
+    """Ray Train's controller takes one report per poll (default 2 s): make_trainer sets the interval from
+    train.controller_poll_s in the variable Ray passes on to its controller actor."""
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE, HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+    from lora_diffusion.train import make_trainer
+
+    monkeypatch.delenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR, raising=False)
+    cfg = load_config(None, tiny_overrides(tmp_path, "train.controller_poll_s=0.25", f"train.output_dir={tmp_path}"))
+    make_trainer(cfg, {"config": cfg.to_dict()})
+    assert HEALTH_CHECK_INTERVAL_S_ENV_VAR in ENV_VARS_TO_PROPAGATE
+    assert float(os.environ[HEALTH_CHECK_INTERVAL_S_ENV_VAR]) == 0.25
