@@ -269,7 +269,7 @@ def test_make_trainer_hands_the_controller_poll_interval_to_ray(monkeypatch, tmp
 
     from lora_diffusion.train import make_trainer
 
-    monkeypatch.delenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR, raising=False)
+    monkeypatch.setenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR, "9")  # restored after the test, whatever make_trainer sets
     cfg = load_config(None, tiny_overrides(tmp_path, "train.controller_poll_s=0.25", f"train.output_dir={tmp_path}"))
     make_trainer(cfg, {"config": cfg.to_dict()})
     assert HEALTH_CHECK_INTERVAL_S_ENV_VAR in ENV_VARS_TO_PROPAGATE
