@@ -23,13 +23,14 @@ falls back to a synthetic SST-2 folder (no real data: its accuracies mean nothin
 from __future__ import annotations
 
 import argparse
+import json
 import os
-from collections import Counter
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +143,6 @@ def build_base(s: dict[str, Any], data_dir: str, out: Path) -> tuple[str, float]
 
 def _pretrain_note(folder: Path) -> str:
     """What a base folder's pretrain_metrics.jsonl says about how it was made (empty when absent)."""
-    import json
-
     f = folder / "pretrain_metrics.jsonl"
     try:
         last = json.loads(f.read_text().strip().splitlines()[-1])

@@ -392,12 +392,17 @@ def _make_searcher(space: Space, storage_url: str):
             if not self._finished_in_study(trial_id):
                 super().on_trial_complete(trial_id, result, error)
 
+        def restore(self, checkpoint_path: str) -> None:  # what Tuner.restore reaches (via restore_from_dir)
+            super().restore(checkpoint_path)
+            self._restored = True
+
         def _finished_in_study(self, trial_id: str) -> bool:
             """The study already holds this trial as ended: the driver died after Optuna stored the trial's
             end but before Tune saved its own state, so the restored Tune runs the trial again. Optuna
-            refuses to update an ended trial (UpdateFinishedTrialError), which would stop the sweep."""
+            refuses to update an ended trial (UpdateFinishedTrialError), which would stop the sweep.
+            Only a restored searcher can meet this, so a fresh one does not query the study per report."""
             ot_trial = self._ot_trials.get(trial_id)
-            if ot_trial is None:
+            if ot_trial is None or not getattr(self, "_restored", False):
                 return False
             state = self._ot_study._storage.get_trial(ot_trial._trial_id).state
             return state.is_finished()
