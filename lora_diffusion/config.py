@@ -67,7 +67,14 @@ class LoRADiffusionConfig(_Section):
     scale_late: float = Field(0.25, ge=0)
     k: int = Field(2, ge=1, description="modules per phase")
     time_dim: int = Field(64, gt=0, description="width of Emb(t) concatenated to h")
-    instruction_dim: int = Field(64, gt=0, description="width of the instruction encoding c")
+    instruction_dim: int = Field(64, gt=0, description="width of the condition encoding c")
+    # What c encodes: "prompt" = the frozen base's hidden states mean-pooled over the whole prompt
+    # (instruction + input); "instruction" = the instruction's word embeddings only (one constant per
+    # single-instruction task such as SST-2: the adapter then cannot see the input).
+    condition: Literal["prompt", "instruction"] = "prompt"
+    # Learned embedding of the position within the target span, added to g_i's input (0 = off):
+    # adjacent [MASK]s look alike to a frozen base, so without it the label and [SEP] positions blur.
+    span_positions: int = Field(64, ge=0, description="span offsets embedded for the adapter (0 = off)")
     film: bool = True
     rank_norm: Literal["nuclear", "frobenius"] = "nuclear"
     lambda_rank: float = Field(1e-4, ge=0)
@@ -232,6 +239,10 @@ class TrackingConfig(_Section):
     tracking_uri: str | None = None
     experiment: str = "lora-diffusion"
     run_name: str | None = None
+    # CPU, memory, disk, network and GPU utilisation of every run, sampled by MLflow's system-metrics
+    # monitor into system/* metrics (the run's System metrics tab), with node_hostname / ray_node_id tags.
+    system_metrics: bool = True
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="seconds between system-metrics samples")
 
 
 # --------------------------------------------------------------------------- the whole run

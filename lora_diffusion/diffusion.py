@@ -120,7 +120,7 @@ def diffusion_step_loss(model, batch: dict, cfg: DiffusionConfig, mask_id: int, 
     schedule = Schedule(cfg.schedule)
     t = sample_t(input_ids.shape[0], cfg, generator=generator, device=input_ids.device)
     x_t, masked = forward_process(input_ids, maskable, t, schedule, mask_id, generator=generator)
-    logits = model(x_t, t, batch["attention_mask"], batch["instruction_mask"], positions=masked)
+    logits = model(x_t, t, batch["attention_mask"], batch["instruction_mask"], positions=masked, target_mask=maskable)
     rows = masked.nonzero(as_tuple=True)[0]
     t_tok = t[rows]
     loss, ce = masked_diffusion_loss(logits, input_ids[masked], t_tok, maskable.sum(), schedule, cfg.loss_weighting)

@@ -3,11 +3,21 @@
     metrics, predictions = evaluate(adaptation, tokenizer, cfg)                  # cfg.task.eval_split
     metrics, predictions = evaluate(adaptation, tokenizer, cfg, split="train", limit=200)
 
-`metrics` has flat names WITHOUT the `eval_` prefix (callers add it): the task's metrics
-(sst2: accuracy, non_label_rate, non_label_count; squad: exact_match, f1; xsum: rouge1, rouge2,
-rougeL, rougeLsum, bleu), the token-level denoising accuracy (`denoise_acc` and
-`denoise_acc_t<100 t>` for each t in sampling.denoise_t) and `n_examples`. Scores are percentages.
-`predictions` holds one dict per example: index, instruction, input, reference, references, prediction.
+`metrics` has flat names WITHOUT the `eval_` prefix (callers add it): the task's metrics on the
+generated text (sst2: accuracy, non_label_rate, non_label_count; squad: exact_match, f1; xsum:
+rouge1, rouge2, rougeL, rougeLsum, bleu), for label tasks `rank_accuracy` (rank classification, below),
+the token-level denoising accuracy (`denoise_acc` and `denoise_acc_t<100 t>` for each t in
+sampling.denoise_t: the paper's metric, over every target-span token including [SEP] and [PAD]),
+`denoise_acc_content` (the same over content tokens only: no [SEP]/[PAD]) and `n_examples`.
+Scores are percentages. `predictions` holds one dict per example: index, instruction, input,
+reference, references, prediction, and for label tasks rank_prediction.
+
+Rank classification (as lm-eval-harness scores multiple choice): the whole target span is masked
+at t = 1 and, in one forward pass, each label word is scored by the log-likelihood of its span
+tokens (the word's tokens and the closing [SEP]) at their target positions; the best-scoring
+label is the answer. It needs no free generation, so it shows what the model knows even when
+its sampler emits no label word; it is reported beside the generated-label accuracy, never
+instead of it.
 
 Generation follows cfg.sampling (see sampling.py) with one generator seeded by sampling.seed,
 so the same adapter, data and config give the same predictions. Runs under torch.no_grad in eval
@@ -61,11 +71,16 @@ def evaluate(adaptation, tokenizer, cfg, split: str | None = None, limit: int | 
                 out = generate(adaptation, batch, cfg.sampling, mask_id, diffusion_cfg=cfg.diffusion, generator=generator)
                 texts.extend(decode_targets(tokenizer, out.cpu(), batch["target_mask"].cpu()))
             denoise = denoising_accuracy(adaptation, batches(), cfg.sampling.denoise_t, mask_id,
-                                         schedule=cfg.diffusion.schedule, seed=cfg.sampling.seed)
+                                         schedule=cfg.diffusion.schedule, seed=cfg.sampling.seed,
+                                         exclude_ids=(tokenizer.sep_token_id, tokenizer.pad_token_id))
+            task = ds.task
+            ranked = None
+            if task.label_words:
+                candidates = label_spans(tokenizer, task.label_words, int(cpu_batches[0]["target_mask"][0].sum()))
+                ranked = [i for batch in batches() for i in rank_classify(adaptation, batch, candidates, mask_id).tolist()]
     finally:
         adaptation.train(was_training)
 
-    task = ds.task
     predictions, references = [], []
     for i, text in enumerate(texts):
         ex = ds.example(i)
@@ -75,8 +90,44 @@ def evaluate(adaptation, tokenizer, cfg, split: str | None = None, limit: int | 
             "index": int(ex["index"]), "instruction": task.instruction(ex), "input": task.input_text(ex),
             "reference": refs[0], "references": refs, "prediction": text,
         })
-    metrics = {**task.compute_metrics(texts, references), **denoise, "n_examples": float(n)}
+        if ranked is not None:
+            predictions[-1]["rank_prediction"] = task.label_words[ranked[i]]
+    metrics = task.compute_metrics(texts, references)
+    if ranked is not None:
+        correct = sum(p["rank_prediction"] in p["references"] for p in predictions)
+        metrics["rank_accuracy"] = 100.0 * correct / max(n, 1)
+    metrics = {**metrics, **denoise, "n_examples": float(n)}
     return metrics, predictions
+
+
+def label_spans(tokenizer, label_words, budget: int) -> list[list[int]]:
+    """Each label word as the target span tokens it is scored on: its tokens (cut to budget - 1) and [SEP]."""
+    spans = []
+    for w in label_words:
+        ids = tokenizer(w, add_special_tokens=False)["input_ids"][: budget - 1]
+        spans.append([*ids, tokenizer.sep_token_id])
+    return spans
+
+
+def rank_scores(adaptation, batch: dict, candidates: list[list[int]], mask_id: int) -> torch.Tensor:
+    """(B, n candidates) log-likelihood of each candidate span at the target positions, span all masked, t = 1."""
+    target = batch["target_mask"].bool()
+    x = batch["input_ids"].masked_fill(target, mask_id)
+    t = torch.ones(x.shape[0], device=x.device)
+    logits = adaptation(x, t, batch["attention_mask"], batch.get("instruction_mask"), positions=target, target_mask=target)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V), rows in (example, position) order
+    per_row = target.sum(1).tolist()
+    scores = torch.zeros(x.shape[0], len(candidates), device=x.device)
+    for b, rows in enumerate(torch.split(logp, per_row)):
+        for j, cand in enumerate(candidates):
+            k = min(len(cand), rows.shape[0])
+            scores[b, j] = rows[torch.arange(k, device=x.device), torch.tensor(cand[:k], device=x.device)].sum()
+    return scores
+
+
+def rank_classify(adaptation, batch: dict, candidates: list[list[int]], mask_id: int) -> torch.Tensor:
+    """Index of the best-scoring candidate per example (ties: the first)."""
+    return rank_scores(adaptation, batch, candidates, mask_id).argmax(-1)
 
 
 def write_eval_outputs(folder: str | os.PathLike, metrics: dict, predictions: list[dict]) -> tuple[Path, Path]:

@@ -143,29 +143,33 @@ def summarization_metrics(predictions: Sequence[str], references: Sequence[Seque
 
 
 def denoising_accuracy(adaptation, batches: Iterable[dict], t_values: Sequence[float], mask_id: int,
-                       schedule: str = "linear", seed: int = 0) -> dict[str, float]:
+                       schedule: str = "linear", seed: int = 0, exclude_ids: Sequence[int] = ()) -> dict[str, float]:
     """Fraction (%) of masked target tokens predicted correctly in one pass, at each t and overall.
 
     Each batch (the batch contract) is noised with the forward process at each t in `t_values`
     (at least one target token masked per example) under a generator seeded with `seed`, so
     the number is reproducible. Returns `denoise_acc` (over all t, token-weighted) and
-    `denoise_acc_t<100 t>` per t (e.g. denoise_acc_t50 for t = 0.5).
+    `denoise_acc_t<100 t>` per t (e.g. denoise_acc_t50 for t = 0.5). With `exclude_ids` (the
+    tokenizer's [SEP] and [PAD]) also `denoise_acc_content`: the same count over the masked target
+    tokens that are none of those, i.e. the answer's own tokens. The paper's metric counts the span's
+    [SEP]/[PAD] too, which a model gets right without knowing the answer.
     """
     import torch
 
     from lora_diffusion.diffusion import Schedule
 
     with torch.no_grad():
-        return _denoising_accuracy(adaptation, batches, t_values, mask_id, Schedule(schedule), seed)
+        return _denoising_accuracy(adaptation, batches, t_values, mask_id, Schedule(schedule), seed, tuple(exclude_ids))
 
 
-def _denoising_accuracy(adaptation, batches, t_values, mask_id, sched, seed):
+def _denoising_accuracy(adaptation, batches, t_values, mask_id, sched, seed, exclude_ids=()):
     import torch
 
     from lora_diffusion.diffusion import forward_process
 
     correct = {t: 0 for t in t_values}
     total = {t: 0 for t in t_values}
+    content_correct = content_total = 0
     device = None
     gen = None
     for batch in batches:
@@ -178,10 +182,19 @@ def _denoising_accuracy(adaptation, batches, t_values, mask_id, sched, seed):
             x_t, masked = forward_process(ids, maskable, t, sched, mask_id, generator=gen)
             if not masked.any():
                 continue
-            logits = adaptation(x_t, t, batch["attention_mask"], batch["instruction_mask"], positions=masked)
-            correct[tv] += int((logits.argmax(-1) == ids[masked]).sum())
+            logits = adaptation(x_t, t, batch["attention_mask"], batch["instruction_mask"], positions=masked,
+                                target_mask=maskable)
+            truth = ids[masked]
+            hit = logits.argmax(-1) == truth
+            correct[tv] += int(hit.sum())
             total[tv] += int(masked.sum())
+            if exclude_ids:
+                content = ~torch.isin(truth, torch.tensor(exclude_ids, device=truth.device))
+                content_correct += int((hit & content).sum())
+                content_total += int(content.sum())
     out = {"denoise_acc": 100.0 * sum(correct.values()) / max(sum(total.values()), 1)}
+    if exclude_ids:
+        out["denoise_acc_content"] = 100.0 * content_correct / max(content_total, 1)
     for tv in t_values:
         out[f"denoise_acc_t{round(100 * tv)}"] = 100.0 * correct[tv] / max(total[tv], 1)
     return out

@@ -130,7 +130,7 @@ def generate(adaptation, batch, sampling_cfg: SamplingConfig, mask_id: int, *,
                 k = (still & in_block).sum(1)  # the last step of a block commits what is left in it
             frac = still.sum(1).float() / span_len.clamp_min(1).float()
             t = time_for_mask_fraction(frac, diffusion_cfg)
-            logits = adaptation(x, t, attention_mask, instruction_mask, positions=still)
+            logits = adaptation(x, t, attention_mask, instruction_mask, positions=still, target_mask=target_mask)
             logits = logits.float().index_fill(-1, torch.tensor([mask_id], device=device), float("-inf"))
             tokens, conf = propose(logits, cfg, generator)
             if cfg.remasking == "random":

@@ -105,7 +105,7 @@ def test_diffusion_step_loss_divides_by_the_number_of_target_tokens():
     V, B, L = 11, 6, 9
 
     class Uniform(torch.nn.Module):  # zero logits: CE = log V at every masked position
-        def forward(self, x_t, t, attention_mask, instruction_mask, positions):
+        def forward(self, x_t, t, attention_mask, instruction_mask, positions, target_mask=None):
             self.seen = (x_t, t, positions)
             return torch.zeros(int(positions.sum()), V, requires_grad=True)
 

@@ -43,7 +43,7 @@ class AlwaysPositive(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1))
         self.modes: list[bool] = []
 
-    def forward(self, x_t, t, attention_mask=None, instruction_mask=None, positions=None):
+    def forward(self, x_t, t, attention_mask=None, instruction_mask=None, positions=None, target_mask=None):
         self.modes.append(self.training)
         span_start = ((x_t == self.sep).long().cumsum(1) >= 2).long().argmax(1) + 1
         rows, cols = positions.nonzero(as_tuple=True)
@@ -63,7 +63,9 @@ def test_evaluate_scores_generated_label_words(sst2_dir, tmp_path, tiny_base):
     assert not any(k.startswith("eval_") for k in metrics)
     assert [p["prediction"] for p in preds] == ["positive"] * 10
     assert preds[3] == {"index": 3, "instruction": "Classify the sentiment of the movie review as positive or negative.",
-                        "input": ROWS[3]["sentence"], "reference": "positive", "references": ["positive"], "prediction": "positive"}
+                        "input": ROWS[3]["sentence"], "reference": "positive", "references": ["positive"], "prediction": "positive",
+                        "rank_prediction": "positive"}
+    assert metrics["rank_accuracy"] == metrics["accuracy"]  # rank classification picks the same constant label
     assert not any(model.modes) and model.training  # ran in eval mode, mode restored
     m2, p2 = evaluate(model, tok, _cfg(sst2_dir, tmp_path), limit=4)
     assert m2["n_examples"] == 4.0 and len(p2) == 4

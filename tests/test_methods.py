@@ -39,12 +39,13 @@ def fixed_batch(B: int = 4, L: int = 12, seed: int = 1):
     positions &= attn.bool()
     x_t = torch.where(positions, torch.full_like(x0, 4), x0)  # 4 = [MASK] in the tiny vocabulary
     t = torch.tensor([0.9, 0.5, 0.2, 0.7])[:B]
-    return x0, x_t, t, attn, instruction, positions
+    target = attn.bool() & (torch.arange(L) >= 5)[None, :]
+    return x0, x_t, t, attn, instruction, positions, target
 
 
 def masked_loss(model, batch):
-    x0, x_t, t, attn, instruction, positions = batch
-    logits = model(x_t, t, attn, instruction, positions)
+    x0, x_t, t, attn, instruction, positions, target = batch
+    logits = model(x_t, t, attn, instruction, positions, target_mask=target)
     return F.cross_entropy(logits, x0[positions])
 
 
@@ -61,8 +62,8 @@ def base_total() -> int:
     return embeddings + N_LAYERS * layer + head + time
 
 
-def lora_diffusion_count(ranks=(64, 32, 8), k=2, dt=64, dc=64, film=True) -> int:
-    encoder = (D * dc + dc) + (dc * dc + dc)
+def lora_diffusion_count(ranks=(64, 32, 8), k=2, dt=64, dc=64, film=True, span_positions=64) -> int:
+    encoder = (D * dc + dc) + (dc * dc + dc) + span_positions * D  # condition MLP + span-offset embedding
     module = lambda r: (D + dt) * r + r * D + ((dc * r + r) + (dc * D + D) if film else 0)  # noqa: E731
     return encoder + k * sum(module(r) for r in ranks)
 
@@ -82,7 +83,7 @@ ADDED = {**HAND_TRAINABLE, "adapters": HAND_TRAINABLE["adapters"] - N_LAYERS * 2
 def intended(method: str, name: str) -> bool:
     """Should parameter `name` of an Adaptation train under `method`?"""
     if method == "lora_diffusion":
-        return name.startswith(("encoder.", "banks."))
+        return name.startswith(("encoder.", "banks.", "span_offset."))
     if method == "weight_lora":
         return ".lora_A.default." in name or ".lora_B.default." in name
     if method == "adapters":
@@ -115,7 +116,8 @@ def test_method_trains_exactly_what_it_should_and_counts_match_by_hand(method):
     assert counts["total"] == base_total() + ADDED[method]
     if method == "lora_diffusion":
         assert counts["encoder"] == (D * 64 + 64) + (64 * 64 + 64)
-        assert counts["adapters"] + counts["encoder"] == counts["trainable"]
+        assert counts["span_offset"] == 64 * D
+        assert counts["adapters"] + counts["encoder"] + counts["span_offset"] == counts["trainable"]
         assert [counts[f"adapters_{p}"] for p in ("early", "mid", "late")] == [
             2 * ((D + 64) * r + r * D + (64 * r + r) + (64 * D + D)) for r in (64, 32, 8)
         ]
@@ -127,8 +129,8 @@ def test_method_trains_exactly_what_it_should_and_counts_match_by_hand(method):
         ("lora_diffusion", ["method.lora_diffusion.film=false", "method.lora_diffusion.k=1",
                             "method.lora_diffusion.rank_early=4", "method.lora_diffusion.rank_mid=3",
                             "method.lora_diffusion.rank_late=2", "method.lora_diffusion.time_dim=16",
-                            "method.lora_diffusion.instruction_dim=8"],
-         lora_diffusion_count((4, 3, 2), k=1, dt=16, dc=8, film=False)),
+                            "method.lora_diffusion.instruction_dim=8", "method.lora_diffusion.span_positions=0"],
+         lora_diffusion_count((4, 3, 2), k=1, dt=16, dc=8, film=False, span_positions=0)),
         ("weight_lora", ["method.weight_lora.r=4", "method.weight_lora.target_modules=[query,key,value,dense]"],
          # q, k, v, attention.output.dense, intermediate.dense, output.dense per layer + the head's transform.dense
          N_LAYERS * (3 * (4 * D + D * 4) + (4 * D + D * 4) + (4 * D + FFN * 4) + (4 * FFN + D * 4)) + (4 * D + D * 4)),
@@ -161,16 +163,16 @@ def test_one_step_lowers_loss_and_save_load_is_bit_identical(method, tmp_path):
     assert after.item() < before.item()
 
     a.eval()
-    x0, x_t, t, attn, instruction, positions = batch
+    x0, x_t, t, attn, instruction, positions, target = batch
     with torch.no_grad():
-        ref_pos = a(x_t, t, attn, instruction, positions)
-        ref_all = a(x_t, t, attn, instruction, None)
+        ref_pos = a(x_t, t, attn, instruction, positions, target_mask=target)
+        ref_all = a(x_t, t, attn, instruction, None, target_mask=target)
     save_adapter(a, tmp_path / "adapter", cfg.model, cfg.method)
     loaded, _, meta = load_adapter(str(tmp_path / "adapter"))  # a fresh base from the recorded config
     assert meta["method"] == method and meta["param_counts"] == a.param_counts()
     with torch.no_grad():
-        assert torch.equal(loaded(x_t, t, attn, instruction, positions), ref_pos)
-        assert torch.equal(loaded(x_t, t, attn, instruction, None), ref_all)
+        assert torch.equal(loaded(x_t, t, attn, instruction, positions, target_mask=target), ref_pos)
+        assert torch.equal(loaded(x_t, t, attn, instruction, None, target_mask=target), ref_all)
 
 
 def test_unsupported_architectures_and_bad_targets_are_refused():
@@ -201,15 +203,15 @@ def test_unsupported_architectures_and_bad_targets_are_refused():
 @pytest.mark.parametrize("mask", ["padded", "none"])
 def test_prefix_tuning_with_prefixes_masked_out_equals_the_base(mask):
     cfg, denoiser = make("prefix_tuning", "method.prefix_tuning.reparam_hidden=16")
-    _, x_t, t, attn, instruction, _ = fixed_batch()
+    _, x_t, t, attn, instruction, _, target = fixed_batch()
     attn = attn if mask == "padded" else None
     with torch.no_grad():
         base = denoiser(x_t, t, attn)
         a = build_method(cfg.method, denoiser).eval()
         a.set_prefix_enabled(False)
-        off = a(x_t, t, attn, instruction)
+        off = a(x_t, t, attn, instruction, target_mask=target)
         a.set_prefix_enabled(True)
-        on = a(x_t, t, attn, instruction)
+        on = a(x_t, t, attn, instruction, target_mask=target)
     torch.testing.assert_close(off, base, rtol=0, atol=1e-5)
     assert (on - base).abs().max() > 1e-3  # the prefixes do act when visible
 
@@ -235,13 +237,13 @@ def perturb(module, std: float = 0.1, seed: int = 3):
 def test_untrained_lora_diffusion_is_bit_for_bit_the_base():
     cfg = load_config(None, TINY)
     denoiser, _ = load_base(cfg.model)
-    _, x_t, t, attn, instruction, positions = fixed_batch()
+    _, x_t, t, attn, instruction, positions, target = fixed_batch()
     with torch.no_grad():
         base_all = denoiser(x_t, t, attn)
         base_pos = denoiser(x_t, t, attn, positions=positions)
         a, _ = lora_diffusion(denoiser=denoiser)
-        assert torch.equal(a(x_t, t, attn, instruction, None), base_all)
-        assert torch.equal(a(x_t, t, attn, instruction, positions), base_pos)
+        assert torch.equal(a(x_t, t, attn, instruction, None, target_mask=target), base_all)
+        assert torch.equal(a(x_t, t, attn, instruction, positions, target_mask=target), base_pos)
 
 
 @pytest.mark.parametrize("b1,b2", [(1 / 3, 2 / 3), (0.1, 0.9), (0.5, 0.6), (0.25, 0.3)])
@@ -255,6 +257,7 @@ def test_phase_routing_sends_every_t_to_its_bank(b1, b2, with_positions):
     x_t = torch.randint(5, 100, (B, L))
     positions = torch.zeros(B, L, dtype=torch.bool)
     positions[:, 2:] = True
+    target = positions.clone()
     positions[0, 2] = False  # rows with different numbers of positions
     seen = {(p, i): [] for p in range(3) for i in range(2)}
     hooks = [
@@ -262,7 +265,7 @@ def test_phase_routing_sends_every_t_to_its_bank(b1, b2, with_positions):
         for p, bank in enumerate(a.banks) for i, g in enumerate(bank)
     ]
     with torch.no_grad():
-        a(x_t, ts, None, None, positions if with_positions else None)
+        a(x_t, ts, None, None, positions if with_positions else None, target_mask=target)
     for h in hooks:
         h.remove()
     candidates = sinusoidal(ts, a.settings.time_dim)
@@ -279,7 +282,7 @@ def test_phase_routing_sends_every_t_to_its_bank(b1, b2, with_positions):
 
 
 def test_film_gamma_and_beta_follow_the_instruction():
-    a, _ = lora_diffusion("method.lora_diffusion.rank_early=4")
+    a, _ = lora_diffusion("method.lora_diffusion.rank_early=4", "method.lora_diffusion.condition=instruction")
     perturb(a)
     x = torch.randint(60, 200, (2, 10))
     instruction = torch.zeros(2, 10, dtype=torch.bool)
@@ -298,6 +301,60 @@ def test_film_gamma_and_beta_follow_the_instruction():
     y = x.clone()
     y[:, 5:] = 7
     torch.testing.assert_close(a.encoder(a.mean_instruction_embedding(y, instruction)), c)
+
+
+def two_prompts_differing_in_the_input():
+    """Two rows: the same instruction (positions 1-3) and target span (7-9), different input tokens (5)."""
+    x = torch.randint(60, 200, (2, 10))
+    x[:, 0], x[:, 4], x[:, 6] = 2, 3, 3  # [CLS] instruction [SEP] input [SEP] span
+    x[1] = x[0]
+    x[1, 5] = x[0, 5] + 1  # only the input differs
+    x[:, 7:] = 4  # the target span, all [MASK]
+    instruction = torch.zeros(2, 10, dtype=torch.bool)
+    instruction[:, 1:4] = True
+    target = torch.zeros(2, 10, dtype=torch.bool)
+    target[:, 7:] = True
+    return x, instruction, target
+
+
+@pytest.mark.parametrize("condition", ["prompt", "instruction"])
+def test_condition_sees_the_input_only_when_it_encodes_the_prompt(condition):
+    a, _ = lora_diffusion("method.lora_diffusion.rank_early=4", f"method.lora_diffusion.condition={condition}")
+    perturb(a)
+    x, instruction, target = two_prompts_differing_in_the_input()
+    t = torch.tensor([1.0, 1.0])
+    with torch.no_grad():
+        h = a.denoiser.hidden(x, t, None)
+        c = a.encoder(a.condition_input(x, h, None, instruction, target))
+        g = a.banks[0][0]
+        gamma, beta = g.gamma(c), g.beta(c)
+        logits = a(x, t, None, instruction, target, target_mask=target)
+    if condition == "prompt":  # gamma, beta and the label position's output follow the input
+        assert not torch.allclose(gamma[0], gamma[1]) and not torch.allclose(beta[0], beta[1])
+        assert not torch.allclose(logits[0], logits[3])
+    else:  # one instruction string: one c for both rows, whatever the input says
+        torch.testing.assert_close(gamma[0], gamma[1], rtol=0, atol=0)
+        torch.testing.assert_close(beta[0], beta[1], rtol=0, atol=0)
+
+
+def test_adjacent_target_positions_get_different_adapter_inputs():
+    a, _ = lora_diffusion("method.lora_diffusion.rank_early=4", "method.lora_diffusion.span_positions=8")
+    perturb(a)
+    x, instruction, target = two_prompts_differing_in_the_input()
+    offsets = a.span_offsets(target, x.shape[1], x.device)
+    assert offsets[0, 7:].tolist() == [0, 1, 2] and offsets[0, :7].tolist() == [0] * 7
+    seen = []
+    a.banks[0][0].register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()))
+    h = torch.randn(1, a.denoiser.hidden_size).expand(3, -1)  # the same hidden state at three span positions
+    with torch.no_grad():
+        a.delta(h, torch.ones(3), a.encoder(torch.zeros(1, a.denoiser.hidden_size)).expand(3, -1), offsets[0, 7:])
+    g_in = seen[0]
+    assert not torch.allclose(g_in[0], g_in[1]) and not torch.allclose(g_in[1], g_in[2])
+    # the offset enters g_i's input only: with it off, identical hidden states give identical inputs
+    b, _ = lora_diffusion("method.lora_diffusion.rank_early=4", "method.lora_diffusion.span_positions=0")
+    assert b.span_offsets(target, x.shape[1], x.device) is None
+    with pytest.raises(ValueError, match="target_mask"):
+        a(x, torch.ones(2), None, instruction, target)  # no target_mask: a clear error, not a silent default
 
 
 @pytest.mark.parametrize("film", [True, False])
@@ -384,12 +441,12 @@ def test_composed_with_one_adapter_equals_that_adapter_and_router_weights_sum_to
     a, denoiser = lora_diffusion()
     perturb(a)
     a.eval()
-    _, x_t, t, attn, instruction, positions = fixed_batch()
+    _, x_t, t, attn, instruction, positions, target = fixed_batch()
     composed = ComposedLoRADiffusion([a]).eval()
     with torch.no_grad():
-        torch.testing.assert_close(composed(x_t, t, attn, instruction, positions), a(x_t, t, attn, instruction, positions),
+        torch.testing.assert_close(composed(x_t, t, attn, instruction, positions, target_mask=target), a(x_t, t, attn, instruction, positions, target_mask=target),
                                    rtol=0, atol=0)
-        torch.testing.assert_close(composed(x_t, t, attn, instruction, None), a(x_t, t, attn, instruction, None),
+        torch.testing.assert_close(composed(x_t, t, attn, instruction, None, target_mask=target), a(x_t, t, attn, instruction, None, target_mask=target),
                                    rtol=0, atol=0)
 
     others = [lora_diffusion(denoiser=denoiser)[0] for _ in range(2)]
@@ -408,10 +465,10 @@ def test_every_method_trains_under_bf16_autocast(method):
     """train.precision=bf16 runs the step under torch.autocast: mixed dtypes must not break any method."""
     cfg, denoiser = make(method, "method.prefix_tuning.reparam_hidden=16")
     a = build_method(cfg.method, denoiser).train()
-    x0, x_t, t, attn, instruction, positions = fixed_batch()
+    x0, x_t, t, attn, instruction, positions, target = fixed_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = a(x_t, t, attn, instruction, positions)
-        everywhere = a(x_t, t, attn, instruction, None)
+        logits = a(x_t, t, attn, instruction, positions, target_mask=target)
+        everywhere = a(x_t, t, attn, instruction, None, target_mask=target)
     loss = F.cross_entropy(logits.float(), x0[positions]) + everywhere.float().mean()
     loss.backward()
     assert torch.isfinite(loss)

@@ -153,7 +153,7 @@ class _Fixed(nn.Module):
         self.answer, self.vocab = answer, vocab
         self.seen_t: list[float] = []
 
-    def forward(self, x_t, t, attention_mask=None, instruction_mask=None, positions=None):
+    def forward(self, x_t, t, attention_mask=None, instruction_mask=None, positions=None, target_mask=None):
         self.seen_t.extend(t.tolist())
         return nn.functional.one_hot(self.answer[positions], self.vocab).float() * 10
 
@@ -186,3 +186,48 @@ def test_denoising_accuracy_is_reproducible():
     a = M.denoising_accuracy(_Fixed(noisy, 30), [batch, batch], [0.5], mask_id=4, seed=3)
     b = M.denoising_accuracy(_Fixed(noisy, 30), [batch, batch], [0.5], mask_id=4, seed=3)
     assert a == b
+
+
+def test_content_token_denoising_accuracy_excludes_sep_and_pad():
+    batch = _batch()  # row 0 span: 20 21 [SEP]=3 [PAD]=0; row 1 span: 22 [SEP] [PAD]
+    ids = batch["input_ids"]
+    only_markers = torch.where((ids == 3) | (ids == 0), ids, (ids + 1) % 30)  # right on [SEP]/[PAD] only
+    got = M.denoising_accuracy(_Fixed(only_markers, 30), [batch], [1.0], mask_id=4, exclude_ids=(3, 0))
+    assert got["denoise_acc"] == pytest.approx(100 * 4 / 7)  # the paper's metric: 4 of 7 span tokens "right"
+    assert got["denoise_acc_content"] == 0.0  # none of the answers' own tokens
+    oracle = M.denoising_accuracy(_Fixed(ids, 30), [batch], [1.0], mask_id=4, exclude_ids=(3, 0))
+    assert oracle["denoise_acc_content"] == 100.0
+    assert "denoise_acc_content" not in M.denoising_accuracy(_Fixed(ids, 30), [batch], [1.0], mask_id=4)
+
+
+class _Logits(nn.Module):
+    """Fixed random logits per (row, position); records what it was called with."""
+
+    def __init__(self, B: int, L: int, vocab: int, seed: int = 0):
+        super().__init__()
+        self.table = torch.randn(B, L, vocab, generator=torch.Generator().manual_seed(seed))
+        self.calls = []
+
+    def forward(self, x_t, t, attention_mask=None, instruction_mask=None, positions=None, target_mask=None):
+        self.calls.append((x_t.clone(), t.clone(), positions.clone()))
+        return self.table[positions]
+
+
+def test_rank_classification_equals_hand_computed_log_likelihoods():
+    from lora_diffusion.evaluation import rank_classify, rank_scores
+
+    batch = _batch()
+    fake = _Logits(2, 9, 30)
+    candidates = [[20, 3], [22, 25, 3]]  # a one-token and a two-token label word, each closed by [SEP] = 3
+    scores = rank_scores(fake, batch, candidates, mask_id=4)
+    logp = torch.log_softmax(fake.table, dim=-1)
+    want = torch.zeros(2, 2)
+    for b, start in enumerate((5, 5)):  # both spans start at position 5
+        span_len = int(batch["target_mask"][b].sum())
+        for j, cand in enumerate(candidates):
+            want[b, j] = sum(float(logp[b, start + k, tok]) for k, tok in enumerate(cand[:span_len]))
+    torch.testing.assert_close(scores, want)
+    assert rank_classify(fake, batch, candidates, mask_id=4).tolist() == want.argmax(-1).tolist()
+    x_t, t, positions = fake.calls[0]
+    assert (x_t[batch["target_mask"]] == 4).all() and torch.equal(t, torch.ones(2))  # whole span masked, t = 1
+    assert torch.equal(positions, batch["target_mask"])

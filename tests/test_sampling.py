@@ -26,7 +26,7 @@ class Forced(nn.Module):
         self.wanted, self.strength, self.favour_mask = wanted, strength, favour_mask
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def forward(self, x_t, t, attention_mask=None, instruction_mask=None, positions=None):
+    def forward(self, x_t, t, attention_mask=None, instruction_mask=None, positions=None, target_mask=None):
         self.calls.append((x_t.clone(), t.clone()))
         logits = torch.zeros(int(positions.sum()), V)
         logits.scatter_(1, self.wanted[positions][:, None], self.strength[positions][:, None])

@@ -20,9 +20,11 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 class Adaptation(nn.Module):
     """A base `Denoiser` adapted by one method.
 
-    forward(x_t, t, attention_mask, instruction_mask, positions) returns logits (N, V) at the
-    positions marked True in `positions` (B, L), or (B, L, V) when positions is None.
-    `instruction_mask` (B, L) marks the instruction tokens (LoRA-Diffusion's FiLM condition).
+    forward(x_t, t, attention_mask, instruction_mask, positions, target_mask) returns logits (N, V) at
+    the positions marked True in `positions` (B, L), or (B, L, V) when positions is None.
+    `instruction_mask` (B, L) marks the instruction tokens, `target_mask` (B, L) the target span
+    (everything else attended is the prompt): LoRA-Diffusion conditions on the prompt and tells
+    span positions apart with them; the other methods ignore both.
     """
 
     method_name: str = "base"
@@ -35,7 +37,7 @@ class Adaptation(nn.Module):
         self.settings = settings
 
     # -- forward --------------------------------------------------------------------------
-    def forward(self, x_t, t, attention_mask=None, instruction_mask=None, positions=None):
+    def forward(self, x_t, t, attention_mask=None, instruction_mask=None, positions=None, target_mask=None):
         h = self.denoiser.hidden(x_t, t, attention_mask)
         if positions is not None:
             h = h[positions]

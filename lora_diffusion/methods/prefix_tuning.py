@@ -144,12 +144,12 @@ class PrefixTuning(Adaptation):
         for attn in self._attentions:
             attn.prefix_enabled = enabled
 
-    def forward(self, x_t, t, attention_mask=None, instruction_mask=None, positions=None):
+    def forward(self, x_t, t, attention_mask=None, instruction_mask=None, positions=None, target_mask=None):
         kv = self.prefix()
         for i, attn in enumerate(self._attentions):
             attn.prefix_kv = (kv[i, 0], kv[i, 1])
         try:
-            return super().forward(x_t, t, attention_mask, instruction_mask, positions)
+            return super().forward(x_t, t, attention_mask, instruction_mask, positions, target_mask)
         finally:
             for attn in self._attentions:
                 attn.prefix_kv = None
