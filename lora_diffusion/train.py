@@ -13,7 +13,9 @@ MLflow store.
 
 `loop_config` = {"config": Config.to_dict(), "mlflow": None | {"tracking_uri", "experiment",
 "run_id" (log into this run; its creator ends it) | "parent_run_id" (create a nested child run,
-ended here), "run_name", "tags"}, "resume_from": checkpoint folder | None, "trial_name": str | None}.
+ended here), "run_name", "tags"}, "resume_from": checkpoint folder | None, "trial_name": str | None,
+"mlflow_run": optional {"tracking_uri", "run_id"}: the run whose system metrics this loop samples and
+whose adapter URI its model card names, when another process logs into it (an in-process Tune trial)}.
 
 The command ends its MLflow run FINISHED, FAILED (with an `error` tag) or, on Ctrl-C / SIGTERM
 (SLURM's time limit), KILLED. Rerunning with the same `tracking.run_name` resumes that Ray run from
@@ -305,8 +307,18 @@ def train_loop(loop_config: dict[str, Any], reporter) -> dict[str, Any]:
 
     # -- the loop: every report_every steps a report + checkpoint; the last one also evaluates ---
     tracker = _start_tracking(loop_config.get("mlflow"), cfg, rank, reporter, trial_name)
+    # the MLflow run of these results: ours, the one given by id, or (an in-process Tune trial) its trial's run
+    run_ref = {**(loop_config.get("mlflow") or {}), **(loop_config.get("mlflow_run") or {})}
+    if tracker is not None:
+        run_ref = {"tracking_uri": tracker.uri, "run_id": tracker.run_id}
+    monitor = None
+    if cfg.tracking.system_metrics and run_ref.get("run_id"):
+        from lora_diffusion.system_metrics import start_monitor
+
+        monitor = start_monitor(run_ref["tracking_uri"], run_ref["run_id"], rank, cfg.tracking.system_metrics_interval_s)
     report = functools.partial(_report, cfg, reporter, adaptation, tokenizer, optimizer, scheduler, scaler, position,
-                               param_names, device, labels, tracker)
+                               param_names, device, labels, tracker,
+                               adapter_uri=f"runs:/{run_ref['run_id']}/adapter" if run_ref.get("run_id") else None)
     ddp = hasattr(model, "no_sync")
     stream = micro_batches(loader, sampler, position, tc.batch_size)
     window = _Window(device)
@@ -369,11 +381,17 @@ def train_loop(loop_config: dict[str, Any], reporter) -> dict[str, Any]:
                            "peak_mem_mb": peak_memory_mb(device), "step": position["step"], "epoch": position["epoch"]},
                           final=True)
     except BaseException as e:
+        from lora_diffusion.system_metrics import stop_monitor
+
+        stop_monitor(monitor)
         if tracker is not None and tracker.owned:  # a run given by id is ended (and tagged) by its creator
             from lora_diffusion.tracking import error_text
 
             tracker.end("FAILED", error=error_text(e))
         raise
+    from lora_diffusion.system_metrics import stop_monitor
+
+    stop_monitor(monitor)
     if tracker is not None:
         tracker.end("FINISHED")
         last["mlflow_run_id"] = tracker.run_id
@@ -381,8 +399,8 @@ def train_loop(loop_config: dict[str, Any], reporter) -> dict[str, Any]:
 
 
 def _report(cfg, reporter, adaptation, tokenizer, optimizer, scheduler, scaler, position, param_names, device, labels,
-            tracker, metrics: dict[str, Any], final: bool) -> dict[str, Any]:
-    """Rank 0 writes the checkpoint (and at the end the evaluation); every rank reports."""
+            tracker, metrics: dict[str, Any], final: bool, adapter_uri: str | None = None) -> dict[str, Any]:
+    """Rank 0 writes the checkpoint (its adapter with a model card; at the end the evaluation); every rank reports."""
     rank = reporter.world_rank
     ckpt_dir = None
     try:
@@ -392,6 +410,9 @@ def _report(cfg, reporter, adaptation, tokenizer, optimizer, scheduler, scaler, 
                             {"step": position["step"], "epoch": position["epoch"], "batch": position["batch"]}, param_names)
             if final and cfg.train.eval_at_end:
                 metrics.update(final_evaluation(adaptation, tokenizer, cfg, ckpt_dir))
+            from lora_diffusion.model_card import write_card
+
+            write_card(ckpt_dir / "adapter", cfg, metrics, position["step"], adapter_uri=adapter_uri)
             _say(progress_line(metrics, cfg.train.max_steps))
             if tracker is not None:
                 tracker.log_metrics(metrics, step=position["step"])

@@ -255,7 +255,9 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
                                                  ray_trial_name=trial_name, **{STATE_TAG: RUNNING}))
         tracker.log_params(cfg.flat())
     loop_config = {"config": cfg.to_dict(), "resume_from": None, "trial_name": trial_name,
-                   "mlflow": {"tracking_uri": uri, "experiment": sweep["experiment"], "run_id": tracker.run_id}}
+                   "mlflow": {"tracking_uri": uri, "experiment": sweep["experiment"], "run_id": tracker.run_id},
+                   # system metrics and the model card's adapter URI (also when ObjectiveReporter logs instead)
+                   "mlflow_run": {"tracking_uri": uri, "run_id": tracker.run_id}}
     try:
         if sweep["trial_runner"] == "in_process":
             from lora_diffusion.reporting import TuneReporter
@@ -671,13 +673,24 @@ def optuna_summary(storage_url: str, name: str, rows: list[dict[str, Any]]) -> d
 
 
 def register_best(uri: str, model_name: str, run_id: str, tags: dict[str, str]) -> str | None:
-    """Register runs:/<run_id>/adapter as a version of `model_name` (once per run); the version number."""
+    """Register runs:/<run_id>/adapter as a version of `model_name` (once per run); the version number.
+
+    The version's description is the adapter's model card (its README.md, see model_card.py)."""
+    import tempfile
+
     from mlflow.exceptions import MlflowException
 
+    from lora_diffusion.model_card import CARD_NAME
+
     c = _client(uri)
-    if not c.list_artifacts(run_id, "adapter"):
+    artifacts = c.list_artifacts(run_id, "adapter")
+    if not artifacts:
         print(f"[tune] warning: run {run_id} has no adapter artifact; nothing registered", file=sys.stderr)
         return None
+    description = f"best trial of sweep {tags.get('sweep')} ({tags.get('metric')} = {tags.get('objective')})"
+    if any(a.path.rsplit("/", 1)[-1] == CARD_NAME for a in artifacts):
+        with tempfile.TemporaryDirectory() as tmp:
+            description = Path(c.download_artifacts(run_id, f"adapter/{CARD_NAME}", tmp)).read_text(encoding="utf-8")
     source = f"runs:/{run_id}/adapter"
     try:
         c.create_registered_model(model_name, description="Best LoRA-Diffusion adapters of the sweep of the same name")
@@ -686,8 +699,7 @@ def register_best(uri: str, model_name: str, run_id: str, tags: dict[str, str]) 
     for mv in c.search_model_versions(f"name = '{model_name}'"):
         if mv.run_id == run_id and mv.source == source:
             return str(mv.version)
-    mv = c.create_model_version(model_name, source=source, run_id=run_id, tags=tags,
-                                description=f"best trial of sweep {tags.get('sweep')} ({tags.get('metric')} = {tags.get('objective')})")
+    mv = c.create_model_version(model_name, source=source, run_id=run_id, tags=tags, description=description)
     return str(mv.version)
 
 
