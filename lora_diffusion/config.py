@@ -243,10 +243,6 @@ class TrackingConfig(_Section):
     # monitor into system/* metrics (the run's System metrics tab), with node_hostname / ray_node_id tags.
     system_metrics: bool = True
     system_metrics_interval_s: float = Field(10.0, gt=0, description="seconds between system-metrics samples")
-    # CPU, memory, disk, network and GPU utilisation of every run, sampled by MLflow's system-metrics
-    # monitor into system/* metrics (the run's System metrics tab), with node_hostname / ray_node_id tags.
-    system_metrics: bool = True
-    system_metrics_interval_s: float = Field(10.0, gt=0, description="seconds between system-metrics samples")
 
 
 # --------------------------------------------------------------------------- the whole run
