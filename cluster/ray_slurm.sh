@@ -22,7 +22,9 @@
 # Knobs (environment; all optional):
 #   RAY_SLURM_STATE_DIR   folder for per-job state (token, logs); must be visible from every node
 #                         (default: $SLURM_SUBMIT_DIR/.ray_slurm); the job uses STATE_DIR/$SLURM_JOB_ID
-#   RAY_SLURM_TMP_ROOT    node-local root for Ray's temp dir (default /tmp; temp dir = ROOT/ray_<jobid>)
+#   RAY_SLURM_TMP_ROOT    node-local root for Ray's temp dir (temp dir = ROOT/ray_<jobid>); default: $TMPDIR
+#                         (node-local at OSC, flushed at the job's end) when ROOT/ray_<jobid> stays within 45
+#                         characters (AF_UNIX socket paths: 107 bytes), else /tmp
 #   RAY_SLURM_PORT_BASE   first of the head's ports (GCS, dashboard, client, MLflow = base+0..3);
 #                         default 20000 + 100 * (job id % 100), moved up when one is taken
 #   RAY_SLURM_WORKER_PORTS  "MIN-MAX" port range for Ray workers (default: ports chosen by the OS)
@@ -32,14 +34,21 @@
 #   RAY_SLURM_MAX_RESTARTS  stop requeueing after this many restarts (default 20)
 #   RAY_SLURM_RESUME_ARGS arguments appended to the command on a requeued run (default "--resume")
 #   RAY_SLURM_MLFLOW_UI   1: serve MLFLOW_TRACKING_URI with `mlflow server` on 127.0.0.1 (default 0)
-#   RAY_SLURM_LOGIN_HOST  host for the ssh command (default: from SLURM_CLUSTER_NAME, e.g.
+#   RAY_SLURM_LOGIN_HOST  host for the ssh command (default: OSC_LOGIN_HOSTS[SLURM_CLUSTER_NAME], e.g.
 #                         pitzer -> pitzer.osc.edu, else SLURM_SUBMIT_HOST)
 #   RAY_SLURM_HEAD_IP     the head's address for the other nodes (default: first of `hostname -I`)
 set -uo pipefail
 
+# OSC clusters and their login hosts (for the ssh command). The one definition on this side;
+# lora_diffusion/cluster.py's CLUSTERS names the same (tests/test_cluster.py checks). Owens was
+# decommissioned on 2025-02-03.
+declare -A OSC_LOGIN_HOSTS=([pitzer]=pitzer.osc.edu [ascend]=ascend.osc.edu [cardinal]=cardinal.osc.edu)
+
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
 say() { printf '[ray_slurm %(%H:%M:%S)T] %s\n' -1 "$*"; }
 die() { printf '[ray_slurm %(%H:%M:%S)T] error: %s\n' -1 "$*" >&2; exit 2; }
+# Credentials in URIs never reach the job output: scheme://user:***@host, scheme://***@host.
+redact() { sed -E 's#(://)([^/?#[:space:]:@]*):[^?#[:space:]]*@#\1\2:***@#g; s#(://)[^/?#[:space:]:@]+@#\1***@#g' <<<"$*"; }
 
 # ---------------------------------------------------------------- process helpers (both modes)
 # Stop a process group: TERM, poll up to $2 s, KILL.
@@ -115,6 +124,8 @@ worker_port_args() {
 if [[ ${1:-} == --node ]]; then
   : "${RAY_SLURM_HEAD_ADDR:?node mode needs RAY_SLURM_HEAD_ADDR}" "${RAY_SLURM_TAG:?}" "${RAY_SLURM_TMP:?}"
   export RAY_SLURM_TAG="$RAY_SLURM_TAG.node${SLURM_NODEID:-x}"   # this node's processes only
+  # The head's choice of temp dir ($TMPDIR/ray_<job> or /tmp/ray_<job>) when its folder exists here too.
+  [[ -d $(dirname "$RAY_SLURM_TMP") ]] || export RAY_SLURM_TMP=/tmp/$(basename "$RAY_SLURM_TMP")
   cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-$(nproc)}}
   gpus=$(gpus_here)
   wports=$(worker_port_args) || exit 2
@@ -131,7 +142,7 @@ if [[ ${1:-} == --node ]]; then
     exit 0
   }
   trap node_stop TERM INT
-  echo "[ray_slurm node $(hostname -s)/${SLURMD_NODENAME:-?}] ray start (pid $NODE_RAY): $cpus CPUs, $gpus GPUs"
+  echo "[ray_slurm node $(hostname -s)/${SLURMD_NODENAME:-?}] ray start (pid $NODE_RAY): $cpus CPUs, $gpus GPUs, temp dir $RAY_SLURM_TMP"
   wait "$NODE_RAY"
   echo "[ray_slurm node ${SLURMD_NODENAME:-?}] ray start exited ($?)"
   node_stop
@@ -148,9 +159,21 @@ export RAY_SLURM_TAG="$JOB.$RESTART.$$"
 STATE_ROOT=${RAY_SLURM_STATE_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/.ray_slurm}
 STATE=$STATE_ROOT/$JOB
 LOGS=$STATE/logs/run$RESTART
-export RAY_SLURM_TMP=${RAY_SLURM_TMP_ROOT:-/tmp}/ray_$JOB
-# Ray's longest socket path is about TMP + 60 characters; AF_UNIX allows 107.
-((${#RAY_SLURM_TMP} <= 45)) || die "Ray temp dir '$RAY_SLURM_TMP' is ${#RAY_SLURM_TMP} characters; keep it under 46 (AF_UNIX socket paths are limited to 107 bytes): set RAY_SLURM_TMP_ROOT to a short node-local folder"
+# Ray's temp dir (sockets, session logs): node-local. Ray's longest socket path is about TMP + 60
+# characters and AF_UNIX allows 107, so TMP may have at most 45.
+if [[ -n ${RAY_SLURM_TMP_ROOT:-} ]]; then
+  export RAY_SLURM_TMP=$RAY_SLURM_TMP_ROOT/ray_$JOB
+  ((${#RAY_SLURM_TMP} <= 45)) || die "Ray temp dir '$RAY_SLURM_TMP' is ${#RAY_SLURM_TMP} characters; keep it under 46 (AF_UNIX socket paths are limited to 107 bytes): set RAY_SLURM_TMP_ROOT to a short node-local folder"
+  TMP_WHY="RAY_SLURM_TMP_ROOT"
+elif [[ -n ${TMPDIR:-} && -d ${TMPDIR:-} ]] && ((${#TMPDIR} + ${#JOB} + 5 <= 45)); then
+  export RAY_SLURM_TMP=${TMPDIR%/}/ray_$JOB
+  TMP_WHY="\$TMPDIR: node-local, flushed at the job's end"
+else
+  export RAY_SLURM_TMP=/tmp/ray_$JOB
+  if [[ -n ${TMPDIR:-} ]]; then TMP_WHY="/tmp: \$TMPDIR ('$TMPDIR') is not a folder or too long for Ray's sockets (ROOT/ray_$JOB must fit in 45 characters)"
+  else TMP_WHY="/tmp: \$TMPDIR is not set"; fi
+fi
+say "Ray temp dir: $RAY_SLURM_TMP ($TMP_WHY)"
 JOIN_TIMEOUT=${RAY_SLURM_JOIN_TIMEOUT:-300}
 DRAIN_S=${RAY_SLURM_DRAIN_S:-60}
 for v in JOIN_TIMEOUT DRAIN_S; do [[ ${!v} =~ ^[0-9]+$ ]] || die "$v='${!v}' must be a whole number of seconds"; done
@@ -253,7 +276,7 @@ export RAY_SLURM_HEAD_ADDR=$HEAD_IP:$GCS_PORT
 unset RAY_ADDRESS   # `ray start --head` must not try to join another cluster
 
 say "job $JOB (run $RESTART) on ${#NODES[@]} node(s): ${NODES[*]}; head $HEAD_NODE ($HEAD_IP)"
-say "state: $STATE (token: $TOKEN_FILE); Ray temp dir: $RAY_SLURM_TMP; logs: $LOGS"
+say "state: $STATE (token file: $TOKEN_FILE, mode 600); logs: $LOGS"
 say "ports: GCS $GCS_PORT, dashboard $DASH_PORT (127.0.0.1), client $CLIENT_PORT, MLflow UI $MLFLOW_PORT"
 
 # ---------------------------------------------------------------- head
@@ -272,13 +295,14 @@ say "head: ray start (pid $HEAD_PID): $HEAD_CPUS CPUs, $HEAD_GPUS GPUs"
 if [[ ${RAY_SLURM_MLFLOW_UI:-0} == 1 ]]; then
   case ${MLFLOW_TRACKING_URI:-} in
     "" | http://* | https://*)
-      say "MLflow UI: not started (MLFLOW_TRACKING_URI='${MLFLOW_TRACKING_URI:-}' is not a local store)" ;;
+      say "MLflow UI: not started (MLFLOW_TRACKING_URI='$(redact "${MLFLOW_TRACKING_URI:-}")' is not a local store)" ;;
     *)
       command -v mlflow >/dev/null || die "RAY_SLURM_MLFLOW_UI=1 but 'mlflow' is not on PATH"
-      MLFLOW_DISABLE_TELEMETRY=true setsid mlflow server --backend-store-uri "$MLFLOW_TRACKING_URI" \
+      # The store by environment (MLFLOW_BACKEND_STORE_URI), not on the command line `ps` shows.
+      MLFLOW_BACKEND_STORE_URI=$MLFLOW_TRACKING_URI MLFLOW_DISABLE_TELEMETRY=true setsid mlflow server \
         --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 >"$LOGS/mlflow.log" 2>&1 </dev/null &
       MLFLOW_PID=$!
-      say "MLflow UI: mlflow server (pid $MLFLOW_PID) on 127.0.0.1:$MLFLOW_PORT for $MLFLOW_TRACKING_URI" ;;
+      say "MLflow UI: mlflow server (pid $MLFLOW_PID) on 127.0.0.1:$MLFLOW_PORT for $(redact "$MLFLOW_TRACKING_URI")" ;;
   esac
 fi
 
@@ -335,10 +359,7 @@ while kill -0 "$WAITER" 2>/dev/null; do wait "$WAITER"; done
 wait "$WAITER" || die "Ray cluster did not come up (logs: $LOGS)"
 
 # ---------------------------------------------------------------- how to watch it
-case ${SLURM_CLUSTER_NAME:-} in
-  pitzer | ascend | cardinal | owens) default_login=$SLURM_CLUSTER_NAME.osc.edu ;;
-  *) default_login=${SLURM_SUBMIT_HOST:-$(hostname -f)} ;;
-esac
+default_login=${OSC_LOGIN_HOSTS[${SLURM_CLUSTER_NAME:-none}]:-${SLURM_SUBMIT_HOST:-$(hostname -f)}}
 LOGIN=${RAY_SLURM_LOGIN_HOST:-$default_login}
 tunnel="ssh -N -L $DASH_PORT:127.0.0.1:$DASH_PORT"
 [[ -n $MLFLOW_PID ]] && tunnel+=" -L $MLFLOW_PORT:127.0.0.1:$MLFLOW_PORT"
@@ -357,7 +378,7 @@ if ((REQUEUE_WANTED)); then
   say "time limit reached while starting; not starting the driver"
   DRIVER_RC=0
 else
-  say "driver: ${cmd[*]}"
+  say "driver: $(redact "${cmd[*]}")"
   RAY_ADDRESS=$RAY_SLURM_HEAD_ADDR RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASH_PORT \
     RAY_SLURM_DASHBOARD_PORT=$DASH_PORT RAY_SLURM_NUM_NODES=${#NODES[@]} \
     setsid "${cmd[@]}" </dev/null &

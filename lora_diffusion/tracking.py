@@ -55,9 +55,14 @@ def resolve_tracking_uri(configured: str | None = None, cwd: str | os.PathLike |
     return uri
 
 
+_PASSWORD_RE = re.compile(r"(://)([^/?#\s:@]*):[^?#\s]*@")  # scheme://user:password@ (to the last '@')
+_TOKEN_RE = re.compile(r"(://)[^/?#\s:@]+@")  # scheme://token@
+
+
 def redact_uri(uri: str) -> str:
-    """The URI with any password masked (postgresql://user:***@host/db)."""
-    return re.sub(r"(://[^/:@]+:)[^@/]*@", r"\1***@", uri)
+    """The URI (or any text holding URIs) with its credentials masked: a password (postgresql://user:***@host/db)
+    and a token given as the user name (https://***@host)."""
+    return _TOKEN_RE.sub(r"\1***@", _PASSWORD_RE.sub(r"\1\2:***@", uri))
 
 
 def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
