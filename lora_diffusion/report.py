@@ -612,6 +612,52 @@ def phase_losses(sweep: Sweep, top: int) -> Section | None:
     return Section("phases", "Loss per phase (lora_diffusion)", intro, [fig])
 
 
+def seed_study(sweep: Sweep) -> Section | None:
+    """The table of a seed study (`python -m lora_diffusion.compare`), read from its parent run's
+    seed_study.json; None when the experiment is not a seed study."""
+    import os
+    import tempfile
+
+    from lora_diffusion.tracking import client as mlflow_client
+
+    parents = [p for p in sweep.parents if p.data.tags.get("study") == "seed_study"]
+    if not parents:
+        return None
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    title = "Seed study"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow_client(sweep.tracking_uri).download_artifacts(parents[0].info.run_id, "seed_study.json", tmp)
+            result = json.loads(Path(path).read_text())
+    except Exception:  # noqa: BLE001 - a study still running has no result yet
+        return Section("seed-study", title, "", [Note("The study has no seed_study.json yet (still running or failed).")])
+    from lora_diffusion.stats import format_p
+
+    base = result["baseline"]
+    head = ["method", "seeds", f"{result['metric']} mean ± std", "95 % CI", f"Δ vs {base}", "t-test p (seeds)",
+            "bootstrap Δ [95 %] (examples)", "bootstrap p", "trainable params", "per seed"]
+    rows = []
+    for r in result["methods"]:
+        t, b = r.get("t_test") or {}, r.get("bootstrap") or {}
+        ci = "–" if r["ci95"][0] is None else f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+        delta = "(baseline)" if r["method"] == base else ("–" if t.get("mean_diff") is None else f"{t['mean_diff']:+.2f}")
+        p_t = format_p(t["p"]) if t.get("p") is not None else ("–" + (f" ({t['reason']})" if t.get("reason") else ""))
+        boot = ("–" + (f" ({b['reason']})" if b.get("reason") else "")) if b.get("diff") is None else \
+            f"{b['diff']:+.2f} [{b['lo']:+.2f}, {b['hi']:+.2f}]"
+        cells = [r["method"], r["n"], "–" if r["mean"] is None else f"{r['mean']:.2f} ± {r['std']:.2f}", ci, delta, p_t, boot,
+                 format_p(b["p"]) if b.get("p") is not None else "–", r.get("trainable_params"),
+                 ", ".join(f"{s}: {v:.2f}" for s, v in r["values"].items())]
+        cls = ' class="best"' if r["method"] == base else ""
+        rows.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(_fmt(c) if not isinstance(c, str) else c)}</td>" for c in cells)
+                    + "</tr>")
+    thead = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    table = f'<table class="trials" id="seed-study"><thead><tr>{thead}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    intro = (f"The best config of each method rerun on seeds {html.escape(', '.join(map(str, result['seeds'])))} "
+             f"(same budget, same data order per seed). Δ = method − {html.escape(base)}; paired t-test over the seeds "
+             "both finished; paired bootstrap over validation examples (per-example scores averaged over those seeds).")
+    return Section("seed-study", title, intro, [table])
+
+
 # --------------------------------------------------------------------------- the page
 
 CSS = """
@@ -685,6 +731,9 @@ def build_report(experiment: str, tracking_uri: str | None = None, metric: str |
     phases = phase_losses(sweep, top)
     if phases is not None:
         sections.append(phases)
+    study = seed_study(sweep)
+    if study is not None:  # a seed study: its table is the headline
+        sections.insert(0, study)
     return render(sweep, sections), sweep
 
 
