@@ -503,7 +503,56 @@ def make_trainer(cfg: Config, loop_config: dict[str, Any], run_config=None):
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
         )
-    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
+    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config,
+                        torch_config=torch_config())
+
+
+def torch_config():
+    """Ray Train's TorchConfig, with the rank-0 rendezvous store on loopback when the cluster is (see below)."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class LoopbackAwareBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            worker_group.execute(keep_rendezvous_store_on_loopback)
+            super().on_start(worker_group, backend_config)
+
+    class LoopbackAwareTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return LoopbackAwareBackend
+
+    return LoopbackAwareTorchConfig()
+
+
+_LOOPBACK_STORES: list = []  # (socket, TCPStore) kept alive for the worker's lifetime
+
+
+def keep_rendezvous_store_on_loopback() -> None:
+    """In a Ray Train worker: when the DDP master address is loopback (a local cluster we started), rank 0's
+    TCPStore server listens on it only. torch binds that server to all interfaces whatever the address;
+    a server made first on a socket bound to 127.0.0.1 (`master_listen_fd`, `multi_tenant`) is the one
+    torch's own rendezvous then reuses."""
+    import importlib
+
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")  # the module, not the function of that name
+    original = rendezvous._create_c10d_store
+    if getattr(original, "loopback_aware", False):
+        return
+
+    def create(hostname, port, rank, world_size, timeout, *args, **kwargs):
+        if rank == 0 and hostname in ("127.0.0.1", "localhost") and not _LOOPBACK_STORES:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", int(port)))
+            sock.listen(128)
+            server = torch.distributed.TCPStore("127.0.0.1", int(port), world_size, True, timeout=timeout,
+                                                multi_tenant=True, master_listen_fd=sock.fileno(), wait_for_workers=False)
+            _LOOPBACK_STORES.append((sock, server))
+        return original(hostname, port, rank, world_size, timeout, *args, **kwargs)
+
+    create.loopback_aware = True
+    rendezvous._create_c10d_store = create
 
 
 def free_port() -> int:
@@ -527,15 +576,48 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> bool:
     if address:
         ray.init(address=address)
         return True
-    kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": dashboard}
+    kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": dashboard, "_node_ip_address": LOOPBACK}
     if dashboard:
         port = free_port()
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     else:  # no API server of ours: make state-API calls fail here rather than reach another cluster's
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{free_port()}"
-    ray.init(**kwargs)
+    with loopback_only():
+        ray.init(**kwargs)
     return True
+
+
+@contextlib.contextmanager
+def loopback_only():
+    """Around `ray.init(..., _node_ip_address="127.0.0.1")` of a local single-node cluster: every Ray
+    process then listens on 127.0.0.1 only.
+
+    Ray 2.60 replaces `_node_ip_address="127.0.0.1"` by the machine's routable address unless
+    `ray_constants.ENABLE_RAY_CLUSTER` is off (env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when
+    `ray` is imported); with the node address on loopback, the GCS, raylet, agents and workers bind
+    their gRPC and HTTP servers there. GLOO_SOCKET_IFNAME=lo keeps DDP's gloo pairs on loopback.
+    The Ray processes inherit this environment when they start; the driver's is restored after.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    wanted = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    saved_env = {k: os.environ.get(k) for k in wanted}
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(wanted)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+LOOPBACK = "127.0.0.1"  # the node address of a local cluster we start (see loopback_only)
 
 
 # --------------------------------------------------------------------------- checks before any cluster time

@@ -461,19 +461,21 @@ def start_ray(num_cpus: int | None, dashboard: bool) -> tuple[bool, str | None]:
     """Connect to $RAY_ADDRESS or start a fresh local cluster; (we connected, dashboard URL)."""
     import ray
 
-    from lora_diffusion.train import free_port
+    from lora_diffusion.train import LOOPBACK, free_port, loopback_only
 
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ctx = ray.init(address=address, log_to_driver=True)
         return True, _url(ctx.dashboard_url)
-    kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": dashboard}
+    # a local single-node cluster: every Ray process listens on 127.0.0.1 only (see train.loopback_only)
+    kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": dashboard, "_node_ip_address": LOOPBACK}
     port = free_port()
     if dashboard:
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
     # Ray Train's placement-group cleaner asks the state API; point it at our own cluster (see ray-stack notes).
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ctx = ray.init(**kwargs)
+    with loopback_only():
+        ctx = ray.init(**kwargs)
     return True, _url(ctx.dashboard_url) if dashboard else None
 
 
