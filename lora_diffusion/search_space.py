@@ -55,6 +55,7 @@ TRAIN_METRICS: dict[str, str] = {
     "loss": "min", "denoise_loss": "min", "reg_rank": "min", "reg_orth": "min",
     "ce_early": "min", "ce_mid": "min", "ce_late": "min",
     "tokens_per_s": "max", "samples_per_s": "max", "peak_mem_mb": "min",
+    "trainable_params": "min", "total_params": "min",  # in every report (a second objective: size vs quality)
     "val_loss": "min", "val_denoise_acc": "max",  # need train.eval_every > 0
 }
 # Metrics of the final evaluation (reported once, at the end of a trial).
@@ -118,9 +119,11 @@ class ConstraintsSpec(_Spec):
 
 
 class SamplerSpec(_Spec):
-    name: Literal["tpe", "random"] = "tpe"
+    # tpe and nsga2 handle one or two objectives; random ignores the results
+    name: Literal["tpe", "random", "nsga2"] = "tpe"
     seed: int = 0
     n_startup_trials: int = Field(10, ge=0, description="random trials before TPE takes over")
+    population_size: int = Field(50, ge=2, description="NSGA-II: configs per generation")
 
 
 class SchedulerSpec(_Spec):
@@ -150,8 +153,12 @@ class SpaceSpec(_Spec):
     overrides: dict[str, Any] = Field(default_factory=dict)
     params: dict[str, ParamSpec]
     constraints: ConstraintsSpec = Field(default_factory=ConstraintsSpec)
-    metric: str
-    mode: Literal["min", "max"] | None = None
+    # One metric, or two (a list) for a multi-objective sweep: Optuna keeps the Pareto front of both.
+    metric: str | list[str]
+    mode: Literal["min", "max"] | list[Literal["min", "max"]] | None = None
+    # Configs the sweep tries first (Optuna enqueue_trial), e.g. the paper's defaults; a point may fix a
+    # subset of the parameters (the rest are sampled) but constrained groups (b1/b2, ranks) as a whole.
+    initial_points: list[dict[str, Scalar]] = Field(default_factory=list)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     num_samples: int = Field(10, ge=1)
@@ -246,18 +253,38 @@ class Space:
         return self.spec.name
 
     @property
+    def metrics(self) -> list[str]:
+        """The objectives' metrics: one, or two for a multi-objective sweep (the first is `objective`)."""
+        m = self.spec.metric
+        return list(m) if isinstance(m, list) else [m]
+
+    @property
+    def modes(self) -> list[str]:
+        m = self.spec.mode
+        if isinstance(m, list):
+            return list(m)
+        if m is not None and len(self.metrics) == 1:
+            return [m]
+        return [KNOWN_METRICS[x] for x in self.metrics]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.metrics) > 1
+
+    @property
     def metric(self) -> str:
-        return self.spec.metric
+        """The (first) objective's metric."""
+        return self.metrics[0]
 
     @property
     def mode(self) -> str:
-        return self.spec.mode or KNOWN_METRICS[self.spec.metric]
+        return self.modes[0]
 
     @property
     def scheduler_metric(self) -> str | None:
         if self.spec.scheduler.name == "none":
             return None
-        return self.spec.scheduler.metric or self.spec.metric
+        return self.spec.scheduler.metric or self.metric
 
     @property
     def scheduler_mode(self) -> str | None:
@@ -418,14 +445,90 @@ class Space:
         s = self.spec.sampler
         if s.name == "random":
             return optuna.samplers.RandomSampler(seed=s.seed)
+        if s.name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=s.population_size)
         return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
 
+    @property
+    def directions(self) -> list[str]:
+        """Optuna's study directions, one per objective."""
+        return ["minimize" if m == "min" else "maximize" for m in self.modes]
+
+    # -- initial points (initial_points: in the file, --warm-start on the command line) ---------------
+    @property
+    def points(self) -> list[dict[str, Any]]:
+        """The configs the sweep enqueues before sampling: the file's initial_points, then warm-start points."""
+        return [dict(p) for p in self.spec.initial_points] + [dict(p) for p in getattr(self, "_extra_points", [])]
+
+    def add_points(self, points: list[dict[str, Any]], source: str) -> None:
+        """Enqueue more configs (e.g. the best of an earlier sweep); each is checked like initial_points."""
+        checked = [self.check_point(p, f"{source} point {i}") for i, p in enumerate(points, 1)]
+        self._extra_points = list(getattr(self, "_extra_points", [])) + checked
+
+    def check_point(self, point: Any, where: str) -> dict[str, Any]:
+        """`point` (parameter name -> value) typed as the sampler would give it; SpaceError naming the point
+        and key when a key is not a parameter, a value is outside its range or choices, a constrained group is
+        given in part, or the config breaks a constraint."""
+        if not isinstance(point, dict) or not point:
+            raise SpaceError(f"{where}: a point is a non-empty mapping of parameter names to values, got {point!r}")
+        out: dict[str, Any] = {}
+        for key, value in point.items():
+            p = self._by_key.get(key)
+            if p is None:
+                raise SpaceError(f"{where}: {key}: not a searched parameter of this space; allowed: "
+                                 f"{', '.join(q.key for q in self.params)}")
+            out[key] = self._point_value(p, value, f"{where}: {key}")
+        for key in out:
+            for wkey, allowed in self._by_key[key].when.items():
+                if wkey in self._by_key and wkey not in out:
+                    raise SpaceError(f"{where}: {key} is sampled only when {wkey} in {allowed}: give {wkey} in the point too")
+                if self._current(out, wkey) not in allowed:
+                    raise SpaceError(f"{where}: {key} is not sampled when {wkey}={self._current(out, wkey)!r} "
+                                     f"(only when {wkey} in {allowed}); remove it from the point")
+        groups = [PHASE_KEYS] + ([RANK_KEYS] if self.spec.constraints.rank_order else [])
+        for group in groups:
+            searched = [k for k in group if k in self._by_key]
+            given = [k for k in searched if k in out]
+            if given and len(given) != len(searched):
+                raise SpaceError(f"{where}: gives {', '.join(given)} but not {', '.join(k for k in searched if k not in out)}: "
+                                 "a constrained group is given whole or not at all")
+        try:
+            cfg = self.trial_config(out)
+        except ConfigError as e:
+            raise SpaceError(f"{where}: {out} is not a valid config:\n{e}") from None
+        problems = self.check_constraints(cfg)
+        if problems:
+            raise SpaceError(f"{where}: breaks the space's constraints: {'; '.join(problems)}")
+        return out
+
+    @staticmethod
+    def _point_value(p: Param, value: Any, where: str) -> Any:
+        if p.type == "categorical":
+            for c in p.choices:
+                if c == value and isinstance(c, bool) == isinstance(value, bool):
+                    return c
+            raise SpaceError(f"{where}: {value!r} is not one of the choices {p.choices}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SpaceError(f"{where}: {value!r} is not a number ({p.type} in [{_fmt(p.low)}, {_fmt(p.high)}])")
+        if p.is_int and not float(value).is_integer():
+            raise SpaceError(f"{where}: {value!r} is not a whole number (int parameter)")
+        if not p.low - 1e-12 <= value <= p.high + 1e-12:
+            raise SpaceError(f"{where}: {value!r} is outside the range [{_fmt(p.low)}, {_fmt(p.high)}]")
+        if p.step:
+            k = (value - p.low) / p.step
+            if abs(k - round(k)) > 1e-9:
+                raise SpaceError(f"{where}: {value!r} is not on the grid {_fmt(p.low)} + k * {_fmt(p.step)}")
+        return int(value) if p.is_int else float(value)
+
     def sample(self, n: int) -> list[dict[str, Any]]:
-        """The first `n` configurations the sweep's sampler will propose (no results told), validated."""
+        """The first `n` configurations the sweep's sampler will propose (no results told; initial points
+        first), validated."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(sampler=self.make_sampler(), direction="minimize" if self.mode == "min" else "maximize")
+        study = optuna.create_study(sampler=self.make_sampler(), directions=self.directions)
+        for point in self.points:
+            study.enqueue_trial(point)
         out = []
         for _ in range(n):
             trial = study.ask()
@@ -444,14 +547,18 @@ class Space:
             f"sweep {self.name!r}" + (f"  (space file {self.path})" if self.path else ""),
             f"  base: task={b.task.name} method={b.method.name} base={b.model.base} "
             f"data={b.task.resolved_data_dir() or 'Hugging Face Hub'} max_steps={b.train.max_steps}",
-            f"  objective: {self.mode} {self.metric} (logged as 'objective')",
+            (f"  objective: {self.mode} {self.metric} (logged as 'objective')" if not self.multi_objective else
+             f"  objectives: {', '.join(f'{m} {x}' for m, x in zip(self.modes, self.metrics))} (Pareto front; "
+             f"the first is logged as 'objective')"),
             f"  sampler: {self.spec.sampler.name} seed={self.spec.sampler.seed}"
             + (f" n_startup_trials={self.spec.sampler.n_startup_trials}" if self.spec.sampler.name == "tpe" else ""),
         ]
         if self.scheduler_metric:
             s = self.spec.scheduler
             lines.append(f"  scheduler: ASHA on {self.scheduler_mode} {self.scheduler_metric}, grace_period={s.grace_period} "
-                         f"reduction_factor={_fmt(s.reduction_factor)} max_t={self.max_t} reports")
+                         f"reduction_factor={_fmt(s.reduction_factor)} max_t={self.max_t} reports"
+                         + (f" (ASHA compares one metric: {self.scheduler_metric}; a stopped trial has no final "
+                            "objectives and is not on the Pareto front)" if self.multi_objective else ""))
         else:
             lines.append("  scheduler: none (every trial runs to the end)")
         lines.append(f"  trials: {self.spec.num_samples}, at most {self.spec.max_concurrent} at once")
@@ -466,6 +573,10 @@ class Space:
         if c.rank_order:
             cons.append("rank_early >= rank_mid >= rank_late")
         lines.append("  constraints: " + ("; ".join(cons) if cons else "none"))
+        if self.points:
+            lines.append(f"  initial points: {len(self.points)} (tried first, in this order)")
+            for i, pt in enumerate(self.points, 1):
+                lines.append(f"    {i}: " + ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in pt.items()))
         return "\n".join(lines)
 
     def resource_plan(self) -> str:
@@ -593,6 +704,9 @@ def load_space(path: str | os.PathLike | None = None, *, text: str | None = None
     _check_metrics(where, spec, base, params)
     space = Space(spec, base, Path(path) if path is not None else None, params, text)
     _check_constraints(where, space)
+    if spec.initial_points:
+        typed = [space.check_point(pt, f"{where}: initial_points[{i}]") for i, pt in enumerate(spec.initial_points)]
+        space.spec = spec.model_copy(update={"initial_points": typed})
     return space
 
 
@@ -742,16 +856,29 @@ def _check_metrics(where: str, spec: SpaceSpec, base: Config, params: list[Param
                              + (f"; did you mean {', '.join(close)}?" if close else "")
                              + f"; allowed: {', '.join(sorted(KNOWN_METRICS))}")
 
-    known(spec.metric, "metric")
+    metrics = spec.metric if isinstance(spec.metric, list) else [spec.metric]
+    if not 1 <= len(metrics) <= 2:
+        raise SpaceError(f"{where}: metric: got {len(metrics)} metrics {metrics}; give one metric, or a list of two "
+                         "(e.g. [eval_accuracy, trainable_params]) for a two-objective sweep")
+    if len(set(metrics)) != len(metrics):
+        raise SpaceError(f"{where}: metric: {metrics} names the same metric twice")
+    if isinstance(spec.mode, list) and len(spec.mode) != len(metrics):
+        raise SpaceError(f"{where}: mode: got {spec.mode} for the {len(metrics)} metric(s) {metrics}; give one mode per metric")
+    if len(metrics) > 1 and spec.mode is not None and not isinstance(spec.mode, list):
+        raise SpaceError(f"{where}: mode: got {spec.mode!r} for the two metrics {metrics}; give a list, e.g. [max, min]")
+    if len(metrics) == 1 and isinstance(spec.mode, list):
+        raise SpaceError(f"{where}: mode: got the list {spec.mode} for one metric {metrics[0]!r}; give min or max")
     task = base.task.name
-    if spec.metric in EVAL_METRICS and spec.metric not in TASK_INDEPENDENT_EVAL and spec.metric not in TASK_EVAL_METRICS.get(task, set()):
-        allowed = sorted(TASK_EVAL_METRICS.get(task, set()) | TASK_INDEPENDENT_EVAL)
-        raise SpaceError(f"{where}: metric: {spec.metric!r} is not computed for task {task!r}; allowed for {task}: {', '.join(allowed)}")
-    if spec.metric in EVAL_METRICS and not base.train.eval_at_end:
-        raise SpaceError(f"{where}: metric: {spec.metric!r} comes from the final evaluation, but train.eval_at_end is false")
+    for metric in metrics:
+        known(metric, "metric")
+        if metric in EVAL_METRICS and metric not in TASK_INDEPENDENT_EVAL and metric not in TASK_EVAL_METRICS.get(task, set()):
+            allowed = sorted(TASK_EVAL_METRICS.get(task, set()) | TASK_INDEPENDENT_EVAL)
+            raise SpaceError(f"{where}: metric: {metric!r} is not computed for task {task!r}; allowed for {task}: {', '.join(allowed)}")
+        if metric in EVAL_METRICS and not base.train.eval_at_end:
+            raise SpaceError(f"{where}: metric: {metric!r} comes from the final evaluation, but train.eval_at_end is false")
     s = spec.scheduler
     if s.name == "asha":
-        m = s.metric or spec.metric
+        m = s.metric or metrics[0]
         known(m, "scheduler.metric")
         if m in EVAL_METRICS:
             raise SpaceError(f"{where}: scheduler.metric: ASHA compares trials during training, but {m!r} is reported only at the end; "
@@ -762,8 +889,9 @@ def _check_metrics(where: str, spec: SpaceSpec, base: Config, params: list[Param
         if s.grace_period >= max_t:
             raise SpaceError(f"{where}: scheduler.grace_period: {s.grace_period} must be < max_t={max_t} reports "
                              f"(train.max_steps / train.report_every), or ASHA never stops a trial")
-    elif spec.metric.startswith("val_") and getattr(base.train, "eval_every", 0) in (0, None):
-        raise SpaceError(f"{where}: metric: {spec.metric!r} needs periodic validation; set train.eval_every > 0 in overrides")
+    for metric in metrics:
+        if metric.startswith("val_") and getattr(base.train, "eval_every", 0) in (0, None):
+            raise SpaceError(f"{where}: metric: {metric!r} needs periodic validation; set train.eval_every > 0 in overrides")
 
 
 def _check_constraints(where: str, space: Space) -> None:

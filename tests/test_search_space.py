@@ -367,3 +367,98 @@ def test_phase_and_rank_key_constants_match_the_config():
 
     flat = Config().flat()
     assert all(k in flat for k in PHASE_KEYS + RANK_KEYS)
+
+
+# --------------------------------------------------------------------------- two objectives, initial points
+
+RANKS = """\
+params:
+  train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}
+  method.lora_diffusion.rank_early: {type: int, low: 16, high: 64, step: 16}
+  method.lora_diffusion.rank_mid: {type: int, low: 8, high: 32, step: 8}
+  method.lora_diffusion.rank_late: {type: int, low: 4, high: 16, step: 4}
+  method.lora_diffusion.b1: {type: float, low: 0.2, high: 0.45}
+  method.lora_diffusion.b2: {type: float, low: 0.55, high: 0.8}
+constraints: {phase_gap: 0.1, rank_order: true}
+metric: loss
+"""
+PAPER = ("  - {method.lora_diffusion.rank_early: 64, method.lora_diffusion.rank_mid: 32, method.lora_diffusion.rank_late: 8,\n"
+         "     method.lora_diffusion.b1: 0.333333, method.lora_diffusion.b2: 0.666667}\n")
+
+
+def test_two_metrics_make_a_two_objective_space():
+    s = space("params:\n  train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}\n"
+              "metric: [loss, trainable_params]\nmode: [min, min]\nsampler: {name: nsga2, population_size: 4}\n")
+    assert s.multi_objective and s.metrics == ["loss", "trainable_params"] and s.modes == ["min", "min"]
+    assert s.metric == "loss" and s.mode == "min" and s.directions == ["minimize", "minimize"]
+    assert type(s.make_sampler()).__name__ == "NSGAIISampler" and len(s.sample(3)) == 3
+    assert "objectives: min loss, min trainable_params (Pareto front" in s.describe()
+    assert "ASHA compares one metric: loss" in s.describe()
+    # modes default to each metric's natural direction
+    s = space("params:\n  train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}\nmetric: [val_denoise_acc, trainable_params]\n"
+              "scheduler: {name: none}\n", overrides=["train.eval_every=5"])
+    assert s.modes == ["max", "min"]
+
+
+@pytest.mark.parametrize("tail, expected", [
+    ("metric: [loss, trainable_params, peak_mem_mb]\n", "got 3 metrics"),
+    ("metric: [loss, loss]\n", "names the same metric twice"),
+    ("metric: [loss, trainable_params]\nmode: [min]\n", "give one mode per metric"),
+    ("metric: [loss, trainable_params]\nmode: min\n", "give a list, e.g. [max, min]"),
+    ("metric: loss\nmode: [min, max]\n", "got ['min', 'max'] for the 1 metric(s) ['loss']"),
+    ("metric: [loss, size]\n", "unknown metric 'size'"),
+    ("metric: [loss, eval_rouge1]\n", "'eval_rouge1' is not computed for task 'sst2'"),
+])
+def test_bad_metric_lists_are_refused(tail, expected):
+    assert expected in error("params:\n  train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}\n" + tail)
+
+
+def test_initial_points_come_first_and_are_typed():
+    s = space(RANKS + "initial_points:\n" + PAPER + "  - {train.lr: 1.0e-3}\n")
+    assert s.points[0] == {"method.lora_diffusion.rank_early": 64, "method.lora_diffusion.rank_mid": 32,
+                           "method.lora_diffusion.rank_late": 8, "method.lora_diffusion.b1": 0.333333,
+                           "method.lora_diffusion.b2": 0.666667}
+    first, second, third = s.sample(3)
+    assert {k: first[k] for k in s.points[0]} == s.points[0] and second["train.lr"] == 1.0e-3
+    for sampled in (first, second, third):
+        assert s.check_constraints(s.trial_config(sampled)) == []
+    assert "initial points: 2 (tried first" in s.describe()
+    # more points (what --warm-start adds) are checked the same way and come after the file's
+    s.add_points([{"train.lr": 2.0e-3}], "--warm-start best.json")
+    assert s.points[-1] == {"train.lr": 2.0e-3} and s.sample(3)[2]["train.lr"] == 2.0e-3
+
+
+@pytest.mark.parametrize("point, expected", [
+    ("{train.learning_rate: 1.0e-3}", "initial_points[0]: train.learning_rate: not a searched parameter"),
+    ("{train.lr: 1.0}", "initial_points[0]: train.lr: 1.0 is outside the range [0.0001, 0.01]"),
+    ("{method.lora_diffusion.rank_early: 16, method.lora_diffusion.rank_mid: 32, method.lora_diffusion.rank_late: 8}",
+     "breaks the space's constraints: ranks 16/32/8: need rank_early >= rank_mid >= rank_late"),
+    ("{method.lora_diffusion.rank_early: 64, method.lora_diffusion.rank_mid: 30, method.lora_diffusion.rank_late: 8}",
+     "rank_mid: 30 is not on the grid 8 + k * 8"),
+    ("{method.lora_diffusion.rank_early: 64}", "gives method.lora_diffusion.rank_early but not method.lora_diffusion.rank_mid"),
+    ("{}", "a point is a non-empty mapping"),
+])
+def test_bad_initial_points_are_refused_by_point_and_key(point, expected):
+    assert expected in error(RANKS + f"initial_points:\n  - {point}\n")
+
+
+def test_initial_points_respect_the_phase_gap():
+    body = RANKS.replace("phase_gap: 0.1", "phase_gap: 0.2") + "initial_points:\n  - {method.lora_diffusion.b1: 0.45, method.lora_diffusion.b2: 0.6}\n"
+    assert "b1=0.45, b2=0.6: need 0 < b1 < b2 < 1 and b2 - b1 >= 0.2" in error(body)
+
+
+def test_initial_points_respect_conditions():
+    body = """\
+    params:
+      method.name: {type: categorical, choices: [lora_diffusion, weight_lora]}
+      method.weight_lora.r: {type: int, low: 2, high: 16}
+    metric: loss
+    initial_points:
+      - POINT
+    """
+    ok = space(body.replace("POINT", "{method.name: weight_lora, method.weight_lora.r: 8}"))
+    assert ok.sample(1)[0] == {"method.name": "weight_lora", "method.weight_lora.r": 8}
+    assert "not sampled when method.name='lora_diffusion'" in error(
+        body.replace("POINT", "{method.name: lora_diffusion, method.weight_lora.r: 8}"))
+    assert "give method.name in the point too" in error(body.replace("POINT", "{method.weight_lora.r: 8}"))
+    assert "not one of the choices" in error(body.replace("POINT", "{method.name: lora}"))
