@@ -276,7 +276,7 @@ export RAY_SLURM_HEAD_ADDR=$HEAD_IP:$GCS_PORT
 unset RAY_ADDRESS   # `ray start --head` must not try to join another cluster
 
 say "job $JOB (run $RESTART) on ${#NODES[@]} node(s): ${NODES[*]}; head $HEAD_NODE ($HEAD_IP)"
-say "state: $STATE (token file: $TOKEN_FILE, mode 600); logs: $LOGS"
+say "state: $STATE (token: $TOKEN_FILE); logs: $LOGS"
 say "ports: GCS $GCS_PORT, dashboard $DASH_PORT (127.0.0.1), client $CLIENT_PORT, MLflow UI $MLFLOW_PORT"
 
 # ---------------------------------------------------------------- head

@@ -208,6 +208,43 @@ def test_nodes_not_joining_in_time_is_a_clear_error(local_slurm, tmp_path, monke
     assert not job_pids(job) and epilog_kills(job, since) == []
 
 
+SECRET_DRIVER = """\
+import os, sys
+from pathlib import Path
+uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+hits = 0
+for d in Path("/proc").iterdir():
+    try:
+        hits += b"s3cretpw" in (d / "cmdline").read_bytes()
+    except OSError:
+        pass
+print(f"DRIVER uri-ok={uri == Path(sys.argv[1]).read_text()} cmdlines-with-secret={hits} cwd={os.getcwd()}", flush=True)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_spaces_in_the_results_path_and_credentials_by_environment(local_slurm, tmp_path):
+    """A results folder with a space (#SBATCH --output/--chdir quoted), and a tracking URI with a password: it
+    reaches the driver by environment, never the job script (mode 600), the job output or any command line."""
+    results = tmp_path / "runs with space"
+    drv = tmp_path / "driver.py"
+    drv.write_text(SECRET_DRIVER)
+    uri = "http://bob:s3cretpw@127.0.0.1:9/"
+    expected = tmp_path / "expected.txt"
+    expected.write_text(uri)
+    job, out, _ = submit(results, "--time", "10", "--tracking-uri", uri, "--command", f"python {drv} {expected}")
+    wait_for("the job to end", lambda: job_fields(job).get("JobState") in ("COMPLETED", "FAILED"), 240, every=2,
+             on_timeout=lambda: text(out))
+    log = text(out)
+    assert out.parent == results / "slurm" and job_fields(job)["JobState"] == "COMPLETED", log
+    assert f"DRIVER uri-ok=True cmdlines-with-secret=0 cwd={results}" in log, log
+    assert "s3cretpw" not in log
+    assert "MLflow UI: not started (MLFLOW_TRACKING_URI='http://bob:***@127.0.0.1:9/' is not a local store)" in log
+    scripts = list((results / "slurm").glob("*.sbatch"))
+    assert len(scripts) == 1 and oct(scripts[0].stat().st_mode & 0o777) == "0o600"
+    assert "s3cretpw" not in scripts[0].read_text()
+
+
 # --------------------------------------------------------------------------- 2. time limit, requeue, resume
 
 SPACE = """\
