@@ -5,7 +5,8 @@
 #   bash cluster/install.sh --test     # ... plus pytest and the offline BERT used by the tests
 #
 # torch is installed first and on its own: a bare `torch` requirement with no torch installed
-# pulls a multi-GB CUDA build. Override with TORCH_SPEC (e.g. TORCH_SPEC="torch==2.5.1" on OSC,
+# pulls a multi-GB CUDA build. Override with TORCH_SPEC (e.g. TORCH_SPEC="torch==2.10.0" on OSC: the
+# newest CUDA 12 build, which runs on V100, A100 and H100; see cluster/README.md §1,
 # or TORCH_SPEC="" to keep whatever torch the venv already has). VENV picks the venv folder.
 # A stamp file records what was installed, so a second call returns in about a second.
 set -euo pipefail
