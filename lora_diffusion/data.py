@@ -26,9 +26,12 @@ with the same settings loads the cached Arrow file instead of tokenising again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,17 @@ def _data_dir_source(task_cfg) -> str:
     return "task.data_dir" if task_cfg.data_dir else "LORA_DIFFUSION_DATA_DIR"
 
 
+SPLIT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
+
+
+def check_split_name(split: str) -> None:
+    """A split is a file stem inside the task's folder: names of letters, digits, '.', '_', '-' joined by '/'."""
+    if not isinstance(split, str) or not SPLIT_RE.match(split) or any(part == ".." for part in split.split("/")):
+        raise DataError(f"split {split!r}: not allowed; a split is a file stem inside <data_dir>/<task>/ such as "
+                        "'validation' or 'dev_split/validation' (letters, digits, '.', '_', '-' and '/'; no '..', "
+                        "no leading '/')")
+
+
 def local_split_file(task: Task, data_dir: str, split: str, source: str = "task.data_dir") -> Path:
     """The JSON Lines file of `split` under `data_dir`, or a DataError saying what is there."""
     root = Path(data_dir).expanduser()
@@ -62,9 +76,13 @@ def local_split_file(task: Task, data_dir: str, split: str, source: str = "task.
             f"{source}={data_dir!r}: no folder {task.name!r} in it (expected {task.name}/<split>.jsonl; "
             f"folders present: {', '.join(present) or 'none'})"
         )
+    check_split_name(split)
     path = task.local_path(root, split)
     if path is None and "/" in split and (folder / f"{split}.jsonl").is_file():
         path = folder / f"{split}.jsonl"
+    if path is not None and not path.resolve().is_relative_to(folder.resolve()):
+        raise DataError(f"split {split!r}: {path} resolves to {path.resolve()}, outside the task folder {folder}; "
+                        "a split must name a file inside it")
     if path is None:
         present = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.jsonl"))
         wanted = " or ".join(str(folder / c) for c in task.local_candidates(split))
@@ -75,24 +93,88 @@ def local_split_file(task: Task, data_dir: str, split: str, source: str = "task.
     return path
 
 
-def _first_line(path: Path) -> str | None:
+def scan_jsonl(path: Path) -> list[int]:
+    """The 1-based line numbers of the non-blank lines of a JSON Lines file, after checking that each is
+    UTF-8 text holding one JSON object; a DataError names the file, the line and what is wrong."""
+    lines = []
     with path.open("rb") as f:
-        for line in f:
-            if line.strip():
-                return line.decode("utf-8", "replace")
-    return None
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} line {lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                "a data file is JSON Lines in UTF-8, one JSON object per line") from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {lineno}: not JSON ({e.msg} at column {e.colno}); "
+                                "a data file is JSON Lines, one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {lineno}: a JSON {type(row).__name__}, not an object; "
+                                "a data file is JSON Lines, one JSON object per line")
+            lines.append(lineno)
+    return lines
+
+
+@contextlib.contextmanager
+def _no_leftovers_on_failure(cache_dir: str | None):
+    """A failed `datasets.load_dataset` leaves lock files and empty folders in the datasets cache: remove
+    those it made (free lock files, empty folders; never another process's data or a held lock)."""
+    import datasets
+
+    root = Path(cache_dir).expanduser() if cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
+    before = set(_walk(root))
+    try:
+        yield
+    except BaseException:
+        for p in sorted(set(_walk(root)) - before, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                if p.is_dir() and not any(p.iterdir()):
+                    p.rmdir()
+                elif p.is_file() and p.name.endswith(".lock") and _lock_is_free(p):
+                    p.unlink()
+        if not before and root.is_dir() and not any(root.iterdir()):
+            with contextlib.suppress(OSError):
+                root.rmdir()
+        raise
+
+
+def _walk(root: Path):
+    if not root.is_dir():
+        return
+    for folder, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            yield Path(folder) / name
+
+
+def _lock_is_free(path: Path) -> bool:
+    import fcntl
+
+    try:
+        with path.open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return True
+    except OSError:
+        return False
 
 
 def _load_local(task: Task, path: Path, cache_dir: str | None):
+    """(dataset, the file's line number of each row)."""
     import datasets
 
-    if _first_line(path) is None:
+    lines = scan_jsonl(path)
+    if not lines:
         raise DataError(f"{path}: the file is empty (task {task.name!r} needs fields {', '.join(task.required_fields)})")
     try:
-        return datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
+        with _no_leftovers_on_failure(cache_dir):
+            ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
     except Exception as e:  # noqa: BLE001 - pyarrow / datasets raise many types; say which file
         cause = e.__cause__ or e
         raise DataError(f"{path}: not valid JSON Lines ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from None
+    return ds, (lines if len(lines) == len(ds) else None)
 
 
 def _load_hub(task: Task, split: str, cache_dir: str | None):
@@ -101,7 +183,8 @@ def _load_hub(task: Task, split: str, cache_dir: str | None):
     hub_split = task.hub_splits.get(split, split)
     name = task.hub_id + (f"/{task.hub_config}" if task.hub_config else "")
     try:
-        return datasets.load_dataset(task.hub_id, task.hub_config, split=hub_split, cache_dir=cache_dir)
+        with _no_leftovers_on_failure(cache_dir):
+            return datasets.load_dataset(task.hub_id, task.hub_config, split=hub_split, cache_dir=cache_dir)
     except Exception as e:  # noqa: BLE001 - offline, missing split, auth: one clear message
         raise DataError(
             f"task {task.name!r}: could not load split {hub_split!r} of {name} from the Hugging Face Hub "
@@ -110,8 +193,9 @@ def _load_hub(task: Task, split: str, cache_dir: str | None):
         ) from None
 
 
-def check_split(task: Task, ds, where: str) -> None:
-    """Raise a DataError naming `where`, the row and the field for the first unusable example."""
+def check_split(task: Task, ds, where: str, lines: list[int] | None = None) -> None:
+    """Raise a DataError naming `where`, the line (`lines[row]` of a file, else row + 1) and the field for
+    the first unusable example."""
     if len(ds) == 0:
         raise DataError(f"{where}: the split is empty")
     missing = [f for f in task.required_fields if f not in ds.column_names]
@@ -127,7 +211,7 @@ def check_split(task: Task, ds, where: str) -> None:
         for i in range(n):
             problem = task.check_example({f: batch[f][i] for f in task.required_fields})
             if problem:
-                raise DataError(f"{where} line {row + i + 1}: {problem}")
+                raise DataError(f"{where} line {lines[row + i] if lines else row + i + 1}: {problem}")
         row += n
 
 
@@ -137,18 +221,19 @@ def load_split(task_cfg, split: str):
 
 
 def _load_checked(task_cfg, split: str):
-    """(dataset, where it came from: the file path or the Hub id and split)."""
+    """(dataset, where it came from: the file path or the Hub id and split, the file's line of each row or None)."""
     task = get_task(task_cfg.name)
     data_dir = task_cfg.resolved_data_dir()
+    lines = None
     if data_dir:
         path = local_split_file(task, data_dir, split, _data_dir_source(task_cfg))
-        ds = _load_local(task, path, task_cfg.cache_dir)
+        ds, lines = _load_local(task, path, task_cfg.cache_dir)
         where = str(path)
     else:
         ds = _load_hub(task, split, task_cfg.cache_dir)
         where = f"{task.hub_id} {task.hub_config or ''} split {split!r}".replace("  ", " ")
-    check_split(task, ds, where)
-    return ds, where
+    check_split(task, ds, where, lines)
+    return ds, where, lines
 
 
 # --------------------------------------------------------------------------- tokenising
@@ -238,7 +323,7 @@ def _tokenize_fn(task: Task, tokenizer, max_length: int):
 def make_dataset(cfg, tokenizer, split: str) -> TaskDataset:
     """Load, check, subset and tokenise one split of `cfg.task` for `tokenizer` (cached)."""
     task = get_task(cfg.task.name)
-    ds, source = _load_checked(cfg.task, split)
+    ds, source, lines = _load_checked(cfg.task, split)
     budget = target_budget(cfg)
     max_length = cfg.model.max_length
 
@@ -271,7 +356,8 @@ def make_dataset(cfg, tokenizer, split: str) -> TaskDataset:
     need = n_instr[worst] + budget + 3  # [CLS] instruction [SEP] [SEP] target-span (context may shrink to 0)
     if need > max_length:
         raise DataError(
-            f"model.max_length={max_length} is too small for {source} row {ds[worst]['index'] + 1}: its instruction "
+            f"model.max_length={max_length} is too small for {source} "
+            f"{'line ' + str(lines[ds[worst]['index']]) if lines else 'row ' + str(ds[worst]['index'] + 1)}: its instruction "
             f"has {n_instr[worst]} tokens and the target span {budget} (task.target_budget); need max_length >= {need}"
         )
     n_cut = sum(1 for n in ds["n_target"] if n > budget - 1)

@@ -115,13 +115,18 @@ def resolve_uri(uri: str | None) -> str:
 
 
 def _check_store(uri: str) -> None:
-    from lora_diffusion.tracking import redact_uri
+    """The store exists (a report never creates one) and answers within seconds, as train and tune check it."""
+    from lora_diffusion.tracking import TrackingError, check_tracking_uri, redact_uri
 
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         if not path.is_file():
             raise ReportError(f"tracking URI {redact_uri(uri)}: no MLflow store at {str(path)!r}; "
                               "pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the sweep's store")
+    try:
+        check_tracking_uri(uri)
+    except TrackingError as e:
+        raise ReportError(str(e)) from None
 
 
 def _all_runs(client, experiment_id: str) -> list[Any]:

@@ -11,7 +11,9 @@ block raises, so a run is never left RUNNING. A run given by `run_id` belongs to
 created it: the tracker logs into it and does not end it unless told (`owned=True`).
 
 Names that look like secrets (token, secret, password, key, ...) are never logged as params
-or tags; a password inside a database URI is masked in every message.
+or tags; credentials inside a URI (a password, a token as user name) are masked in every param,
+tag, error text and message. `check_tracking_uri` fails within seconds (no MLflow retries) and
+creates no store.
 """
 
 from __future__ import annotations
@@ -65,16 +67,19 @@ def redact_uri(uri: str) -> str:
     return _TOKEN_RE.sub(r"\1***@", _PASSWORD_RE.sub(r"\1\2:***@", uri))
 
 
-def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
-    """Raise TrackingError (naming the URI) unless the tracking store answers."""
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise TrackingError (naming the URI, what is wrong and what to do) unless the tracking store can be used.
+
+    Fast (seconds, not MLflow's minutes of retries) and leaves nothing behind: a SQLite file that does
+    not exist yet is not created here (a probe file shows that its folder takes one); an http(s) server
+    gets one short request to /health and one search without retries.
+    """
     shown = redact_uri(uri)
-    if uri.startswith("sqlite:///"):
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
         path = Path(uri[len("sqlite:///"):])
-        if not path.parent.is_dir():
-            raise TrackingError(f"tracking URI {shown}: folder {str(path.parent)!r} does not exist; "
-                                "create it or set tracking.tracking_uri / MLFLOW_TRACKING_URI")
-        if path.exists() and not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
-            raise TrackingError(f"tracking URI {shown}: {str(path)!r} is not writable")
+        _check_sqlite_file(path, shown, timeout_s)
+        if not path.exists():
+            return  # a new store: MLflow creates it when the first run starts
     elif uri.startswith(("http://", "https://")):
         import requests
 
@@ -86,10 +91,70 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
         if r.status_code != 200:
             raise TrackingError(f"tracking URI {shown}: /health answered HTTP {r.status_code}, not an MLflow server that is up")
     try:
-        client(uri).search_experiments(max_results=1)
+        with _no_http_retries(timeout_s):
+            client(uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - MLflow raises many types; we name the URI and the cause
         raise TrackingError(f"tracking URI {shown}: the MLflow store does not answer ({e.__class__.__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                            f"{redact_uri(str(e).splitlines()[0]) if str(e) else ''})") from None
+
+
+def _check_sqlite_file(path: Path, shown: str, timeout_s: float) -> None:
+    """A SQLite store MLflow can open and write: an existing database file, or a folder that takes a new one."""
+    import sqlite3
+    import tempfile
+
+    hint = "give a file path such as sqlite:///<folder>/mlflow.db in tracking.tracking_uri / MLFLOW_TRACKING_URI"
+    if path.is_dir():
+        raise TrackingError(f"tracking URI {shown}: {str(path)!r} is a folder, not a SQLite file; {hint}")
+    if not path.parent.is_dir():
+        raise TrackingError(f"tracking URI {shown}: folder {str(path.parent)!r} does not exist; "
+                            "create it or set tracking.tracking_uri / MLFLOW_TRACKING_URI")
+    if path.exists():
+        if not path.is_file():
+            raise TrackingError(f"tracking URI {shown}: {str(path)!r} is not a regular file; {hint}")
+        try:
+            con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=timeout_s)
+            try:
+                con.execute("PRAGMA schema_version").fetchone()  # "file is not a database" for anything else
+                con.execute("BEGIN IMMEDIATE")  # a write lock: read-only files and folders fail here
+                con.rollback()
+            finally:
+                con.close()
+        except sqlite3.Error as e:
+            raise TrackingError(f"tracking URI {shown}: {str(path)!r} cannot be used as a SQLite store ({e}); "
+                                f"check the file's permissions or {hint}") from None
+        return
+    try:  # no store yet: show that the folder takes a SQLite file, without leaving one behind
+        fd, probe = tempfile.mkstemp(prefix=".mlflow_probe_", suffix=".db", dir=path.parent)
+        os.close(fd)
+        try:
+            con = sqlite3.connect(probe, timeout=timeout_s)
+            con.execute("CREATE TABLE probe (x)")
+            con.commit()
+            con.close()
+        finally:
+            for leftover in (probe, probe + "-journal"):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+    except (OSError, sqlite3.Error) as e:
+        raise TrackingError(f"tracking URI {shown}: cannot create the SQLite file {str(path)!r} in "
+                            f"{str(path.parent)!r} ({e.__class__.__name__}: {e}); choose a writable folder") from None
+
+
+@contextlib.contextmanager
+def _no_http_retries(timeout_s: float):
+    """MLflow's REST client without its retries (7 by default, minutes with backoff) and a short timeout."""
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout_s)))}
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def client(uri: str):
@@ -112,7 +177,8 @@ def without_secrets(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _param_value(v: Any) -> str:
-    s = "None" if v is None else str(v)
+    """A param's text: credentials inside URIs masked (tracking.tracking_uri may hold a password), cut to MLflow's limit."""
+    s = "None" if v is None else redact_uri(str(v))
     return s if len(s) <= 6000 else s[:5990] + "…"
 
 
@@ -201,7 +267,7 @@ class RunTracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(str(k), str(v)[:7990]) for k, v in without_secrets(tags).items() if v is not None]
+        items = [RunTag(str(k), redact_uri(str(v))[:7990]) for k, v in without_secrets(tags).items() if v is not None]
         if items:
             self.client.log_batch(self.run_id, tags=items)
 
@@ -238,7 +304,7 @@ def _create_experiment(c, name: str) -> str:
 
 def error_text(exc: BaseException) -> str:
     """A one-paragraph description of an exception for the `error` tag."""
-    text = f"{exc.__class__.__name__}: {exc}".strip()
+    text = redact_uri(f"{exc.__class__.__name__}: {exc}".strip())
     return text if len(text) <= 4000 else text[:2000] + " … " + text[-1990:]
 
 

@@ -34,6 +34,7 @@ import functools
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -641,12 +642,23 @@ def absolutize(cfg: Config, cwd: str | os.PathLike | None = None) -> Config:
     return config_from_dict(data)
 
 
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_run_name(name: str | None) -> None:
+    """tracking.run_name names a folder under train.output_dir: one plain name, never a path."""
+    if name is not None and not RUN_NAME_RE.match(name):
+        raise ConfigError(f"tracking.run_name: got {name!r}; it names a folder, so it must be 1-128 letters, digits, "
+                          "'.', '_' or '-', starting with a letter or digit (no '/', no '..')")
+
+
 def preflight(cfg: Config, resume_from: str | None = None) -> None:
     """Raise a clear error (naming the key, the value and what is allowed) for anything that would fail later."""
     from lora_diffusion.data import load_split
 
     tc = cfg.train
     local = not os.environ.get("RAY_ADDRESS")
+    check_run_name(cfg.tracking.run_name)
     if tc.precision == "fp16" and tc.gpus_per_worker == 0:
         raise ConfigError("train.precision: got 'fp16'; fp16 with a grad scaler needs a GPU (train.gpus_per_worker > 0); "
                           "use 'bf16' or 'fp32' on CPU")
@@ -711,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from lora_diffusion.tasks import DataError
-    from lora_diffusion.tracking import RunTracker, TrackingError, check_tracking_uri, error_text, resolve_tracking_uri, run_tags
+    from lora_diffusion.tracking import (RunTracker, TrackingError, check_tracking_uri, error_text, redact_uri,
+                                         resolve_tracking_uri, run_tags)
     from lora_diffusion.checkpoint import CheckpointError
 
     try:
@@ -732,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
         tracker = RunTracker.start(uri, cfg.tracking.experiment, run_name=name,
                                    tags=run_tags(cfg, "train", ray_run_name=name))
         tracker.log_params(cfg.flat())
-        print(f"[train] MLflow run {tracker.run_id} in experiment {cfg.tracking.experiment!r} at {uri}", flush=True)
+        print(f"[train] MLflow run {tracker.run_id} in experiment {cfg.tracking.experiment!r} at {redact_uri(uri)}",
+              flush=True)
     loop_config = {"config": cfg.to_dict(), "resume_from": resume, "trial_name": name,
                    "mlflow": None if tracker is None else {"tracking_uri": uri, "experiment": cfg.tracking.experiment,
                                                            "run_id": tracker.run_id}}
@@ -753,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
                         error=f"interrupted ({'SIGTERM' if isinstance(e, SystemExit) else 'Ctrl-C'})" if interrupted else error_text(e))
         if interrupted:
             raise
-        print(f"error: training failed: {e}", file=sys.stderr)
+        print(f"error: training failed: {redact_uri(str(e))}", file=sys.stderr)
         return 1
     finally:
         if connected:

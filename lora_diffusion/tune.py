@@ -94,7 +94,9 @@ def ensure_experiment(uri: str, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
-            raise SweepError(f"MLflow experiment {name!r} is deleted at {uri}; restore it (mlflow experiments restore) "
+            from lora_diffusion.tracking import redact_uri
+
+            raise SweepError(f"MLflow experiment {name!r} is deleted at {redact_uri(uri)}; restore it (mlflow experiments restore) "
                              "or choose another sweep name with --name")
         return exp.experiment_id
     try:

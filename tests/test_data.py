@@ -135,7 +135,7 @@ def test_long_targets_are_counted_when_loading(local_data, tmp_path, tiny_base, 
 def test_max_length_too_small_for_instruction_is_an_error(local_data, tmp_path, tiny_base):
     _, tok = tiny_base
     cfg = cfg_for(local_data, tmp_path, "task.name=squad", "model.max_length=20")
-    with pytest.raises(DataError, match=r"model.max_length=20 is too small for .*dev_split/train.jsonl row 1: .*need max_length >= \d+"):
+    with pytest.raises(DataError, match=r"model.max_length=20 is too small for .*dev_split/train.jsonl line 1: .*need max_length >= \d+"):
         make_dataset(cfg, tok, "train")
 
 
@@ -175,7 +175,7 @@ def test_missing_task_folder_and_split_file(local_data, tmp_path):
         ([{"sentence": "fine", "label": 1}, {"sentence": "bad", "label": 2}], r"train.jsonl line 2: field 'label' is 2; allowed: 0 \(negative\), 1 \(positive\)"),
         ([{"sentence": "unlabelled test row", "label": -1}], r"train.jsonl line 1: field 'label' is -1"),
         (["", "  "], r"train.jsonl: the file is empty \(task 'sst2' needs fields sentence, label\)"),
-        (['{"sentence": "a", "label": 1}', '{"sentence": "b", '], r"train.jsonl: not valid JSON Lines"),
+        (['{"sentence": "a", "label": 1}', '{"sentence": "b", '], r"train.jsonl line 2: not JSON \(.*\); a data file is JSON Lines"),
     ],
 )
 def test_bad_files_name_file_and_field(tmp_path, rows, message):
