@@ -35,7 +35,9 @@ last state save of a killed driver is not retrained: its MLflow run says how it 
 reports that result again.
 
 Exit codes: 0 done; 2 bad input (nothing started); 130 (SIGINT / SIGUSR1) or 143 (SIGTERM) when
-interrupted with the sweep saved -- rerun the same command (with --resume) to continue.
+interrupted with the sweep saved -- rerun the same command (with --resume) to continue; 75 when a fault
+of the environment stopped it with the sweep saved (the MLflow server stayed away longer than MLflow's
+retries, or a disk filled up: faults.py) -- fix that, then rerun with --resume.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -173,12 +176,13 @@ class ObjectiveReporter:
     trial by raising SystemExit inside `report`: that is not a failure, and only the trial knows it.
     """
 
-    def __init__(self, inner, metric: str, tracker, max_steps: int, first: tuple[str, ...] = ()):
+    def __init__(self, inner, metric: str, tracker, max_steps: int, first: tuple[str, ...] = (), logged_through: int = 0):
         self._inner = inner
         self._metric = metric
         self._first = first
         self._tracker = tracker
         self._max_steps = max_steps
+        self._logged_through = logged_through  # a resumed trial's run has its metrics up to here: not again
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -186,7 +190,8 @@ class ObjectiveReporter:
     def report(self, metrics: dict[str, Any], checkpoint_dir=None) -> None:
         metrics = with_objective(metrics, self._metric, self._first)
         step = int(metrics.get("step", 0))
-        self._tracker.log_metrics(metrics, step=step)
+        if step > self._logged_through:
+            self._tracker.log_metrics(metrics, step=step)
         if checkpoint_dir is not None and step >= self._max_steps:
             folder = Path(checkpoint_dir)
             self._tracker.log_artifacts(folder / "adapter", "adapter")
@@ -226,6 +231,22 @@ def _objective_callback(metric: str, uri: str | None, run_id: str | None, first:
 
 
 def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """The Tune trial (`_run_trial`); a fault of the environment (tracking store gone, disk full: faults.py)
+    does not fail it but goes to the driver, which stops the sweep resumably."""
+    from lora_diffusion.faults import fault_of, hand_to_driver
+
+    try:
+        _run_trial(config, sweep)
+    except Exception as e:
+        fault = fault_of(e)
+        if fault is None:
+            raise
+        from ray import tune
+
+        hand_to_driver(sweep["name"], f"trial {tune.get_context().get_trial_name()}", fault)
+
+
+def _run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     """The Tune trial: the base config + the sampled `config`, trained in-process or by a TorchTrainer."""
     from ray import tune
 
@@ -266,8 +287,9 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
             from lora_diffusion.train import train_loop
 
             loop_config["mlflow"] = None  # ObjectiveReporter logs instead (see there)
+            logged = int(existing.data.metrics.get("step", 0)) if existing is not None else 0
             train_loop(loop_config, ObjectiveReporter(TuneReporter(), sweep["metric"], tracker, cfg.train.max_steps,
-                                                      sweep["console_metrics"]))
+                                                      sweep["console_metrics"], logged_through=logged))
         else:
             import ray.train
 
@@ -282,8 +304,11 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     except SystemExit:
         raise  # Tune stopping the trial (ASHA): the driver's TrialStates callback records PRUNED
     except BaseException as e:
-        tracker.set_tags({STATE_TAG: FAILED})
-        tracker.end("FAILED", error=error_text(e))
+        from lora_diffusion.faults import fault_of
+
+        if fault_of(e) is None:  # a fault of the environment is not the trial's: it continues on --resume
+            tracker.set_tags({STATE_TAG: FAILED})
+            tracker.end("FAILED", error=error_text(e))
         raise
     tracker.set_tags({STATE_TAG: FINISHED})
     tracker.end("FINISHED")
@@ -359,8 +384,14 @@ def _make_callback(sweep: dict[str, Any]):
                 tracker.client.set_terminated(tracker.run_id, status=status)
                 if error:
                     tracker.set_tags({"error": error})
-            except Exception as e:  # noqa: BLE001 - never let bookkeeping stop the sweep
-                print(f"[tune] warning: could not record trial {trial} in MLflow: {e}", file=sys.stderr, flush=True)
+            except Exception as e:  # noqa: BLE001 - never let bookkeeping stop the sweep, unless the store is gone
+                from lora_diffusion.faults import driver_faults, fault_of
+
+                fault, faults = fault_of(e), driver_faults()
+                if fault is not None and faults is not None:  # stop resumably; the restore records this end
+                    faults.add(f"recording the end of trial {trial} in MLflow", fault)
+                else:
+                    print(f"[tune] warning: could not record trial {trial} in MLflow: {e}", file=sys.stderr, flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             state = trial_state("TERMINATED", trial.last_result, _trial_max_steps(self.sweep["base"], trial.config))
@@ -879,6 +910,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import tune
 
+    from lora_diffusion import faults as env_faults
+
     interrupted_by: list[int] = []
 
     def on_term(signum, frame):  # SIGTERM (SLURM, requeue) -> the graceful stop Tune gives SIGINT
@@ -896,6 +929,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         connected, dashboard = start_ray(args.num_cpus, not args.no_dashboard)
         signal.signal(signal.SIGTERM, on_term)  # after ray.init: Ray's core installs its own (abort) handler
+        faults = env_faults.watch(space.name)  # a trial's tracking-store or disk fault stops the sweep resumably
+        faults.close()  # a fault box left by an earlier driver of this sweep on a lasting cluster
         for w in check_cluster(uri, storage, space):
             print(f"[tune] warning: {w}", flush=True)
         experiment_id = ensure_experiment(uri, space.name)
@@ -919,6 +954,7 @@ def main(argv: list[str] | None = None) -> int:
         can_restore = restoring and tune.Tuner.can_restore(str(exp_dir))
         if can_restore:
             forget_lost_trials(uri, experiment_id, parent_run_id, exp_dir)
+            record_missed_ends(sweep, exp_dir)
             print(f"[tune] resuming sweep {space.name!r} from {exp_dir} (finished trials are kept"
                   + (", failed ones run again" if args.retry_failed else ", failed ones stay failed") + ")", flush=True)
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
@@ -932,12 +968,15 @@ def main(argv: list[str] | None = None) -> int:
                                             # an in-process trial imports torch/transformers/datasets: keep the process
                                             reuse_actors=space.trial_runner == "in_process"),
                 run_config=tune.RunConfig(
-                    name=space.name, storage_path=str(storage), callbacks=[_make_callback(sweep)],
+                    name=space.name, storage_path=str(storage), callbacks=[_make_callback(sweep), faults.callback()],
                     failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
             )
         tuner.fit()
         wall = time.time() - started
+        if faults.items:  # stopped for a fault of the environment: say which, touch nothing more
+            faults.close()
+            return fault_exit(faults.items, uri, space, exp_dir, storage)
 
         # -- 4. results --------------------------------------------------------------------------------
         rows_state = _states(exp_dir)
@@ -950,6 +989,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        fault = env_faults.fault_of(e)
+        if fault is not None:  # e.g. the Optuna study's disk filled up in the driver, or the store went away
+            return fault_exit([("the sweep driver", fault)], uri, space, exp_dir, storage)
         if parent_run_id is not None:
             from lora_diffusion.tracking import RunTracker, error_text
 
@@ -978,6 +1020,76 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         return 143 if signal.SIGTERM in interrupted_by else 130
     return 0
+
+
+def fault_exit(items: list, uri: str, space: Space, exp_dir: Path, storage: Path) -> int:
+    """The sweep was stopped for a fault of the environment (faults.py): say what and where, mark the MLflow
+    runs INTERRUPTED when the store still answers, and return EXIT_FAULT. Nothing recorded is touched otherwise."""
+    from lora_diffusion.faults import DISK, EXIT_FAULT, TRACKING, space_report
+    from lora_diffusion.tracking import redact_uri
+
+    kinds = {f.kind for _, f in items}
+    where = "; ".join(dict.fromkeys(f"{w}: {f}" for w, f in items))
+    lines = [f"error: the sweep stopped: {where}"]
+    if TRACKING in kinds:
+        lines.append(f"  tracking URI {redact_uri(uri)} does not answer; start the MLflow server again (same store)")
+    if DISK in kinds:
+        folders = {"storage path": exp_dir, "temporary folder": Path(tempfile.gettempdir())}
+        store = local_store_dir(uri)
+        if store is not None:
+            folders["MLflow store"] = store
+        art = artifact_location(uri, space.name)
+        if art is not None:
+            folders["MLflow artifacts"] = Path(art)
+        lines.append(f"  free space: {space_report(folders)}; free some space there")
+    if TRACKING not in kinds:
+        import logging
+
+        db_log = logging.getLogger("mlflow.store.db.utils")  # logs a full disk's SQL error with a traceback
+        level = db_log.level
+        db_log.setLevel(logging.CRITICAL)
+        try:
+            mark_interrupted(uri, space, exp_dir)
+        except Exception as e:  # noqa: BLE001 - the message above matters more
+            lines.append(f"  (the MLflow runs could not be marked INTERRUPTED: {e.__class__.__name__}; a resume does it)")
+        finally:
+            db_log.setLevel(level)
+    lines.append(f"  the sweep's state is saved in {exp_dir}; then rerun the same command with --resume")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    return EXIT_FAULT
+
+
+def mark_interrupted(uri: str, space: Space, exp_dir: Path) -> None:
+    """The sweep's parent run and its RUNNING child runs: INTERRUPTED / KILLED until a resume continues them."""
+    c = _client(uri)
+    exp = c.get_experiment_by_name(space.name)
+    parent = find_parent_run(uri, exp.experiment_id, space.name) if exp is not None else None
+    if parent is None:
+        return
+    for run in child_runs(uri, exp.experiment_id, parent.info.run_id):
+        if run.info.status == "RUNNING":
+            c.set_tag(run.info.run_id, STATE_TAG, "INTERRUPTED")
+            c.set_terminated(run.info.run_id, status="KILLED")
+    c.set_tag(parent.info.run_id, "sweep_state", "INTERRUPTED")
+    c.set_terminated(parent.info.run_id, status="KILLED")
+
+
+def record_missed_ends(sweep: dict[str, Any], exp_dir: Path) -> None:
+    """Trials whose end Tune saved but MLflow never heard of (the store was down when they ended): record
+    it now, as the driver's TrialStates callback would have."""
+    from ray.tune import ExperimentAnalysis
+
+    runs = {r.data.tags.get("ray_trial_id"): r
+            for r in child_runs(sweep["tracking_uri"], sweep["experiment_id"], sweep["parent_run_id"])}
+    states = _make_callback(sweep)
+    for t in ExperimentAnalysis(str(exp_dir)).trials:
+        if t.status not in ("TERMINATED", "ERROR"):
+            continue
+        state = trial_state(t.status, t.last_result, _trial_max_steps(sweep["base"], t.config))
+        run = runs.get(t.trial_id)
+        if run is None or run.data.tags.get(STATE_TAG) != state:
+            print(f"[tune] recording in MLflow that trial {t} ended {state} (the store was not reachable then)", flush=True)
+            states._finish(t, state, _error_line(t) if state == FAILED else None)
 
 
 def _states(exp_dir: Path) -> dict[str, int]:
