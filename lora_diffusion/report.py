@@ -72,6 +72,8 @@ class Sweep:
     searched_source: str
     log_keys: set[str] = field(default_factory=set)  # params searched on a log scale
     notes: list[str] = field(default_factory=list)
+    # a two-objective sweep's (metric, mode) pairs, from the sweep run's `sweep.objectives`; the first is `objective`
+    objectives: list[tuple[str, str]] = field(default_factory=list)
 
     def ranked(self) -> list[Trial]:
         """Trials with an objective that did not fail, best first, then the others (in start order)."""
@@ -102,6 +104,11 @@ def parse_value(text: str | None) -> Any:
         except ValueError:
             return text
     return text
+
+
+def _first(v: Any) -> Any:
+    """A space's metric / mode: a two-objective space lists two (the first is `objective`)."""
+    return v[0] if isinstance(v, list) and v else v
 
 
 def _is_number(v: Any) -> bool:
@@ -263,8 +270,8 @@ def load_sweep(experiment: str, tracking_uri: str | None = None, metric: str | N
         notes.append(f"{len(parents)} sweep runs in this experiment; the report covers the trials of all of them.")
     space = _space_from_parent(client, parents)
     # the tuner logs the resolved metric and mode as params of the sweep run
-    space_metric = _parent_value(parents, "sweep.metric", "metric") or (space or {}).get("metric")
-    space_mode = _parent_value(parents, "sweep.mode", "mode") or (space or {}).get("mode")
+    space_metric = _parent_value(parents, "sweep.metric", "metric") or _first((space or {}).get("metric"))
+    space_mode = _parent_value(parents, "sweep.mode", "mode") or _first((space or {}).get("mode"))
     has_objective = any(t.objective is not None for t in trials)
     if metric is not None and metric != OBJECTIVE:
         # compare on another logged metric: copy it into `objective` for every trial
@@ -297,7 +304,14 @@ def load_sweep(experiment: str, tracking_uri: str | None = None, metric: str | N
         searched, source = varying_keys(trials), "the config keys that differ between trials"
     return Sweep(experiment=experiment, experiment_id=exp.experiment_id, tracking_uri=uri, shown_uri=redact_uri(uri),
                  metric=metric_name, mode=mode, parents=parents, trials=trials, searched=searched,
-                 searched_source=source, log_keys=_log_keys(space), notes=notes)
+                 searched_source=source, log_keys=_log_keys(space), notes=notes,
+                 objectives=_objectives(_parent_value(parents, "sweep.objectives")) if metric is None else [])
+
+
+def _objectives(raw: str | None) -> list[tuple[str, str]]:
+    """`sweep.objectives` ("eval_accuracy:max, trainable_params:min") as pairs; only a two-objective sweep's."""
+    pairs = [tuple(x.strip().rsplit(":", 1)) for x in (raw or "").split(",") if ":" in x]
+    return [(m, d) for m, d in pairs if d in ("min", "max")] if len(pairs) > 1 else []
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -502,6 +516,48 @@ def efficiency_frontier(sweep: Sweep) -> Section:
                       yaxis={"title": {"text": f"objective ({sweep.metric})"}}, height=420,
                       margin={"t": 30})
     return Section("frontier", "Efficiency frontier", intro, [fig])
+
+
+def nondominated(points: list[tuple[float, float]], modes: tuple[str, str]) -> list[int]:
+    """Indices of the points no other point dominates (at least as good in both coordinates, better in one)."""
+    sign = [1.0 if m == "max" else -1.0 for m in modes]
+    keys = [(sign[0] * x, sign[1] * y) for x, y in points]
+    return [i for i, a in enumerate(keys)
+            if not any(b[0] >= a[0] and b[1] >= a[1] and b != a for j, b in enumerate(keys) if j != i)]
+
+
+def pareto_section(sweep: Sweep) -> Section | None:
+    """A two-objective sweep: the second objective (x) against the first (y), one colour per method, the
+    Pareto front of the finished trials drawn as a line and ringed (the front best.json lists)."""
+    if len(sweep.objectives) != 2:
+        return None
+    import plotly.graph_objects as go
+
+    (m1, d1), (m2, d2) = sweep.objectives
+    intro = (f"The sweep's two objectives: {html.escape(m1)} ({d1}imised, y) against {html.escape(m2)} ({d2}imised, x). "
+             "The line joins the Pareto front: the finished trials no other finished trial beats in both. "
+             "Trials stopped early by ASHA have no final values and are not drawn.")
+    trials = [t for t in sweep.trials if t.state == "FINISHED" and _is_number(t.objective) and _is_number(t.metrics.get(m2))]
+    if not trials:
+        return Section("pareto", "Pareto front", intro, [Note(f"No finished trial logged both {m1} and {m2}.")])
+    fig = go.Figure()
+    for method, ts in _groups(trials).items():
+        fig.add_trace(go.Scatter(
+            x=[t.metrics[m2] for t in ts], y=[t.objective for t in ts], mode="markers", name=method,
+            marker={"size": 10}, text=[t.name for t in ts],
+            hovertemplate="%{text}<br>" + m2 + " %{x:,}<br>" + m1 + " %{y:.4g}<extra>" + method + "</extra>"))
+    idx = nondominated([(t.objective, t.metrics[m2]) for t in trials], (d1, d2))
+    front = sorted((trials[i] for i in idx), key=lambda t: t.metrics[m2])
+    fig.add_trace(go.Scatter(
+        x=[t.metrics[m2] for t in front], y=[t.objective for t in front], mode="lines+markers", name="Pareto front",
+        text=[t.name for t in front], line={"dash": "dot", "color": "black"},
+        marker={"size": 16, "symbol": "circle-open", "color": "black", "line": {"width": 2}},
+        hovertemplate="%{text} (Pareto front)<extra></extra>"))
+    logx = m2 in ("trainable_params", "total_params") and min(t.metrics[m2] for t in trials) > 0
+    fig.update_layout(xaxis={"type": "log" if logx else "linear", "title": {"text": f"{m2} ({d2})"}},
+                      yaxis={"title": {"text": f"{m1} ({d1})"}}, height=420, margin={"t": 30})
+    names = ", ".join(f"{t.name} ({m1} {_fmt(t.objective)}, {m2} {_fmt(t.metrics[m2])})" for t in front)
+    return Section("pareto", "Pareto front", intro, [fig, Note(f"On the front: {names}.")])
 
 
 def learning_curves(sweep: Sweep, top: int) -> Section:
@@ -733,6 +789,9 @@ def build_report(experiment: str, tracking_uri: str | None = None, metric: str |
     sweep = load_sweep(experiment, tracking_uri, metric, mode)
     sections = [best_table(sweep, top_table), parallel_coordinates(sweep), efficiency_frontier(sweep),
                 learning_curves(sweep, top), importances(sweep)]
+    pareto = pareto_section(sweep)
+    if pareto is not None:
+        sections.insert(1, pareto)
     phases = phase_losses(sweep, top)
     if phases is not None:
         sections.append(phases)

@@ -22,10 +22,12 @@ from lora_diffusion.config import load_config
 from lora_diffusion.tracking import RunTracker
 
 
-def make_store(uri: str, name: str = "mimic", n: int = 8, seed: int = 0, sweep_info: str = "all") -> dict:
+def make_store(uri: str, name: str = "mimic", n: int = 8, seed: int = 0, sweep_info: str = "all",
+               objectives: str | None = None) -> dict:
     """A sweep of `n` trials over two methods (the last FAILED, trials 2 and 5 PRUNED).
 
     sweep_info: "all" (space file + sweep.* params), "params" (sweep.* params only), "none".
+    objectives: the sweep run's `sweep.objectives` param (a two-objective sweep), e.g. "val_loss:min, trainable_params:min".
     """
     rng = random.Random(seed)
     space = {"name": name, "metric": "val_loss", "mode": "min",
@@ -37,6 +39,8 @@ def make_store(uri: str, name: str = "mimic", n: int = 8, seed: int = 0, sweep_i
     parent = RunTracker.start(uri, name, run_name=name, tags={"run_type": "sweep", "sweep": name})
     if sweep_info in ("all", "params"):
         parent.log_params({"sweep.metric": "val_loss", "sweep.mode": "min", "sweep.params": ", ".join(space["params"])})
+    if objectives:
+        parent.log_params({"sweep.objectives": objectives})
     if sweep_info == "all":
         with tempfile.TemporaryDirectory() as d:
             Path(d, "sweep_space.yaml").write_text(yaml.safe_dump(space))
@@ -215,3 +219,29 @@ def test_too_few_trials_give_a_message_not_a_crash(tmp_path):
     assert len(sweep.trials) == 2
     assert "not enough to estimate importances" in page
     assert "parallel coordinates need at least 2 trials" in page
+
+
+def test_two_objective_sweep_gets_a_pareto_section(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trials = make_store(uri, "two", objectives="val_loss:min, trainable_params:min")
+    page, sweep = report.build_report("two", uri)
+    assert sweep.objectives == [("val_loss", "min"), ("trainable_params", "min")]
+    assert '<section id="pareto">' in page and page.index('id="pareto"') < page.index('id="parallel"')
+    # the trials named on the front are exactly the undominated finished ones
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    pts = {name: (c.get_run(t["run_id"]).data.metrics["objective"], c.get_run(t["run_id"]).data.metrics["trainable_params"])
+           for name, t in trials.items() if t["state"] == "FINISHED"}
+    front = {n for n, (a, b) in pts.items() if not any(x <= a and y <= b and (x, y) != (a, b) for x, y in pts.values())}
+    note = page[page.index("On the front:"):].split("</p>")[0]
+    assert {n for n in pts if n in note} == front and front
+    # a one-objective sweep has none
+    page1, _ = report.build_report("two", uri, metric="eval_accuracy")
+    assert '<section id="pareto">' not in page1
+
+
+def test_nondominated_follows_both_modes():
+    pts = [(0.9, 100.0), (0.8, 50.0), (0.7, 60.0), (0.9, 120.0)]
+    assert report.nondominated(pts, ("max", "min")) == [0, 1]
+    assert report.nondominated(pts, ("min", "max")) == [2, 3]
