@@ -62,16 +62,17 @@ TRAIN_METRICS: dict[str, str] = {
 EVAL_METRICS: dict[str, str] = {
     "eval_accuracy": "max", "eval_exact_match": "max", "eval_f1": "max",
     "eval_rouge1": "max", "eval_rouge2": "max", "eval_rougeL": "max", "eval_rougeLsum": "max", "eval_bleu": "max",
-    "eval_denoise_acc": "max", "eval_non_label_rate": "min",
+    "eval_denoise_acc": "max", "eval_denoise_acc_content": "max", "eval_non_label_rate": "min",
+    "eval_rank_accuracy": "max",
 }
 KNOWN_METRICS: dict[str, str] = {**TRAIN_METRICS, **EVAL_METRICS}
 # Task-specific final metrics; the other eval_* metrics (denoise_acc, loss) come from every task.
 TASK_EVAL_METRICS: dict[str, set[str]] = {
-    "sst2": {"eval_accuracy", "eval_non_label_rate"},
+    "sst2": {"eval_accuracy", "eval_rank_accuracy", "eval_non_label_rate"},
     "squad": {"eval_exact_match", "eval_f1"},
     "xsum": {"eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum", "eval_bleu"},
 }
-TASK_INDEPENDENT_EVAL = {"eval_denoise_acc"}
+TASK_INDEPENDENT_EVAL = {"eval_denoise_acc", "eval_denoise_acc_content"}
 
 # Keys a space sets through `resources:` or that must not vary between trials.
 NOT_SEARCHABLE = {
