@@ -22,7 +22,7 @@ What happens, top to bottom (`main`):
    lora_diffusion): mean ± std and a 95 % t-interval over seeds per method; a paired t-test over seeds
    (seed i of a method against seed i of the baseline); a paired bootstrap over validation examples on
    per-example scores (from each trial's eval/predictions.jsonl, averaged over the seeds both ran), for
-   metrics that are means over examples (accuracy, exact match, F1, ROUGE; not corpus BLEU, not the
+   metrics that are means over examples (accuracy, rank_accuracy, exact match, F1, ROUGE; not corpus BLEU, not the
    token-level denoising accuracy: then the bootstrap says why it is missing).
 5. Out: `<storage>/<study>/seed_study.json` and `seed_study.md` (also printed), the same as artifacts of
    the MLflow parent run (with `<method>_mean` / `_std` metrics), and a "Seed study" section in
@@ -349,6 +349,11 @@ def per_example_scores(task_name: str, predictions: list[dict[str, Any]], metric
         return None, "the trial wrote no predictions"
     task = get_task(task_name)
     scores: dict[int, float] = {}
+    if key == "rank_accuracy":  # rank classification of label tasks: the rank_prediction of each example
+        if not all("rank_prediction" in row for row in predictions):
+            return None, "the predictions have no rank_prediction (not a label task)"
+        scores = {int(r["index"]): 100.0 * (r["rank_prediction"] in r["references"]) for r in predictions}
+        predictions = []
     for row in predictions:
         one = task.compute_metrics([row["prediction"]], [list(row["references"])])
         if key not in one:
@@ -520,6 +525,7 @@ def run_study(study: Study, storage: Path, uri: str, num_cpus: int | None, dashb
     base = configs[0][2]
     points = trial_points([cfg for _, _, cfg in configs])
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # predictions are read back quietly
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     connected, parent_run_id = False, None
     started = time.time()

@@ -170,6 +170,11 @@ def test_per_example_scores():
              {"index": 9, "prediction": "banana", "references": ["negative"]}]
     scores, why = C.per_example_scores("sst2", preds, "eval_accuracy", 100 / 3)
     assert why is None and scores == {3: 100.0, 5: 0.0, 9: 0.0}
+    ranked = [{**p, "rank_prediction": w} for p, w in zip(preds, ["positive", "negative", "negative"])]
+    scores, why = C.per_example_scores("sst2", ranked, "eval_rank_accuracy", 200 / 3)
+    assert why is None and scores == {3: 100.0, 5: 0.0, 9: 100.0}
+    none, why = C.per_example_scores("sst2", preds, "eval_rank_accuracy", 50.0)
+    assert none is None and "no rank_prediction" in why
     none, why = C.per_example_scores("sst2", preds, "eval_accuracy", 50.0)
     assert none is None and "not a mean over examples" in why
     none, why = C.per_example_scores("sst2", preds, "eval_denoise_acc", 10.0)
