@@ -1,7 +1,8 @@
 """Training checkpoints: what trains, the optimizer and scheduler, and where the data stood. No pickle.
 
     checkpoint_0000040/
-      adapter/                   adapter_config.json + adapter_model.safetensors (see adapter.py)
+      adapter/                   adapter_config.json + adapter_model.safetensors (see adapter.py), and
+                                 README.md, its model card (see model_card.py; written by the training loop)
       train_state.safetensors    optimizer tensors (AdamW moments), by parameter index
       train_state.json           step, data position (epoch, batch), optimizer hyper-parameters and
                                  non-tensor state, scheduler and grad-scaler state, parameter names

@@ -89,8 +89,8 @@ def test_checkpoint_layout_has_no_pickle_and_the_resolved_config(data_dir, tmp_p
     rep, out = run(cfg, tmp_path / "ck")
     ckpt = rep.checkpoints[-1]
     files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
-    assert files == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml",
-                     "train_state.json", "train_state.safetensors"]
+    assert files == ["adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                     "config.yaml", "train_state.json", "train_state.safetensors"]  # README.md: the model card
     assert load_config(ckpt / "config.yaml") == cfg
     state = json.loads((ckpt / "train_state.json").read_text())
     assert (state["step"], state["epoch"], state["batch"]) == (2, 0, 2)
