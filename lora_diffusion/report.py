@@ -7,7 +7,9 @@ project's naming contract) and writes a page with: the best trials table; parall
 the searched parameters against the objective; the objective against trainable parameters per
 method (efficiency frontier); learning curves of the top trials; parameter importances (Optuna's
 fANOVA on an in-memory study built from the trials); and, for lora_diffusion trials, the
-loss per diffusion phase. Plots are plotly with plotly.js inlined: the page fetches nothing.
+loss per diffusion phase. For a seed study (`python -m lora_diffusion.compare`) the page opens with its
+table (mean ± std, 95 % intervals, paired tests against the baseline). Plots are plotly with plotly.js
+inlined: the page fetches nothing.
 """
 
 from __future__ import annotations
