@@ -61,8 +61,13 @@ def read_adapter_config(path_or_uri: str) -> tuple[Path, dict]:
     cfg_file = folder / CONFIG_NAME
     if not cfg_file.is_file():
         raise ValueError(f"adapter {str(path_or_uri)!r}: no {CONFIG_NAME} in {str(folder)!r}")
-    config = json.loads(cfg_file.read_text())
-    if config.get("format") != FORMAT:
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"adapter {str(path_or_uri)!r}: {cfg_file} is not JSON ({e.__class__.__name__}: {e}); "
+                         f"an adapter folder holds the {CONFIG_NAME} that save_adapter writes") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        config = config if isinstance(config, dict) else {}
         raise ValueError(f"adapter {str(path_or_uri)!r}: {CONFIG_NAME} has format {config.get('format')!r}, expected {FORMAT!r}")
     if not (folder / WEIGHTS_NAME).is_file():
         raise ValueError(f"adapter {str(path_or_uri)!r}: no {WEIGHTS_NAME} in {str(folder)!r}")
@@ -78,14 +83,29 @@ def load_adapter(path_or_uri: str, denoiser=None, base: str | None = None):
     from lora_diffusion.model import load_base
 
     folder, config = read_adapter_config(path_or_uri)
-    model_cfg = ModelConfig.model_validate(config["base"])
+    try:
+        model_cfg = ModelConfig.model_validate(config["base"])
+        method_cfg = MethodConfig.model_validate(config["method_config"])
+    except (KeyError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        raise ValueError(f"adapter {str(path_or_uri)!r}: {CONFIG_NAME} does not describe a base and a method "
+                         f"({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
     if base is not None:
         model_cfg = model_cfg.model_copy(update={"base": base})
     tokenizer = None
     if denoiser is None:
         denoiser, tokenizer = load_base(model_cfg)
-    method_cfg = MethodConfig.model_validate(config["method_config"])
     adaptation = build_method(method_cfg, denoiser)
-    adaptation.load_adapter_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+    adaptation.load_adapter_state_dict(read_weights(folder / WEIGHTS_NAME, str(path_or_uri)))
     adaptation.eval()
     return adaptation, tokenizer, config
+
+
+def read_weights(file: Path, shown: str) -> dict:
+    """The tensors of adapter_model.safetensors; a ValueError naming the file when it is truncated or not safetensors."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"adapter {shown!r}: {file} is not a readable safetensors file ({e}); it is truncated or "
+                         "corrupt: copy or download the adapter again") from None

@@ -74,10 +74,28 @@ def read_train_state(folder: str | os.PathLike) -> dict[str, Any]:
     for rel in (STATE_JSON, STATE_TENSORS, f"{ADAPTER_DIR}/{WEIGHTS_NAME}"):
         if not (folder / rel).is_file():
             raise CheckpointError(f"checkpoint {str(folder)!r}: {rel} is missing (not a lora-diffusion training checkpoint)")
-    meta = json.loads((folder / STATE_JSON).read_text())
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {str(folder)!r}: {STATE_JSON} is not JSON ({e}); the checkpoint is corrupt") from None
+    for rel in (STATE_TENSORS, f"{ADAPTER_DIR}/{WEIGHTS_NAME}"):
+        check_safetensors(folder / rel, f"checkpoint {str(folder)!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = meta if isinstance(meta, dict) else {}
         raise CheckpointError(f"checkpoint {str(folder)!r}: {STATE_JSON} has format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
+
+
+def check_safetensors(file: Path, what: str) -> None:
+    """Raise CheckpointError unless `file` is a complete safetensors file (its header and every tensor's bytes)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key)  # the header's offsets must lie inside the file
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{what}: {file} is not a readable safetensors file ({e}); it is truncated or corrupt") from None
 
 
 def load_checkpoint(folder: str | os.PathLike, adaptation, optimizer: torch.optim.Optimizer, scheduler, scaler,

@@ -108,9 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.limit is not None and args.limit <= 0:
             raise ConfigError(f"--limit: got {args.limit}; must be > 0")
+        if args.batch_size is not None and args.batch_size <= 0:
+            raise ConfigError(f"--batch-size: got {args.batch_size}; must be > 0 (omit it for train.eval_batch_size)")
+        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ConfigError(f"--out: {args.out!r} is a file; give a folder (it gets metrics.json and predictions.jsonl)")
         adapter_config = read_adapter(args.adapter)
         cfg = build_config(args, adapter_config)
         split = args.split or cfg.task.eval_split
+        from lora_diffusion.data import check_split_name
+
+        check_split_name(split)  # a file stem inside the data folder: never '../..' or an absolute path
         data_dir = cfg.task.resolved_data_dir()
         if data_dir:  # a missing file fails before the model loads
             local_split_file(get_task(cfg.task.name), data_dir, split)

@@ -181,6 +181,22 @@ def resolve_base(name: str) -> str:
     return name
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_no_pickle(path: str, shown: str) -> None:
+    """A local base folder must hold safetensors weights: a pickle checkpoint (pytorch_model.bin, ...) is
+    never loaded, since unpickling runs whatever code the file holds."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"model.base={shown!r}: {folder} holds only pickle weights ({', '.join(pickles)}), which this "
+                         "project never unpickles (loading a pickle runs code from the file); convert it to safetensors "
+                         "(model.save_pretrained(folder, safe_serialization=True) where you trust it) or give another base")
+
+
 def load_base(cfg: ModelConfig, seed: int = 0):
     """(Denoiser, tokenizer) for `cfg.base`. Newly initialised weights (an untrained MLM head, the
     timestep MLP) are drawn under `seed`, so every DDP rank builds the same frozen base."""
@@ -201,9 +217,11 @@ def load_base(cfg: ModelConfig, seed: int = 0):
             time_dim = int(meta.get("time_embed_dim", cfg.time_embed_dim))
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()  # "newly initialized" warnings for MiniLM's missing MLM head
+            check_no_pickle(path, cfg.base)
             try:
                 tokenizer = AutoTokenizer.from_pretrained(path)
-                mlm = AutoModelForMaskedLM.from_pretrained(path, attn_implementation=cfg.attn_implementation)
+                mlm = AutoModelForMaskedLM.from_pretrained(path, attn_implementation=cfg.attn_implementation,
+                                                           use_safetensors=True if Path(path).is_dir() else None)
             except OSError as e:
                 raise ValueError(
                     f"model.base={cfg.base!r} could not be loaded ({e.__class__.__name__}: {str(e).splitlines()[0]}). "

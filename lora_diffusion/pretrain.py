@@ -74,29 +74,41 @@ def task_files(data_dir: str, tasks: list[str], splits: list[str]) -> list[tuple
     return out
 
 
+def utf8_lines(path: Path, shown: str | None = None) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of every line; a PretrainError names the file and the line that is not UTF-8."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PretrainError(f"{shown or path}: line {lineno} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                    f"column {e.start + 1}); the corpus is UTF-8 text") from None
+
+
 def read_texts(files: list[tuple[str, Path]], text_files: list[str]) -> list[str]:
     """Every non-empty text of the given task files and plain text files, deduplicated, in order."""
     texts: dict[str, None] = {}
     for task, path in files:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PretrainError(f"{path}: line {lineno} is not JSON ({e.msg})") from None
-                for field in CORPUS_FIELDS[task]:
-                    value = row.get(field)
-                    if not isinstance(value, str):
-                        raise PretrainError(f"{path}: line {lineno} has no text field {field!r} (task {task})")
-                    if value.strip():
-                        texts[value.strip()] = None
+        for lineno, line in utf8_lines(path):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PretrainError(f"{path}: line {lineno} is not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise PretrainError(f"{path}: line {lineno} is a JSON {type(row).__name__}, not an object")
+            for field in CORPUS_FIELDS[task]:
+                value = row.get(field)
+                if not isinstance(value, str):
+                    raise PretrainError(f"{path}: line {lineno} has no text field {field!r} (task {task})")
+                if value.strip():
+                    texts[value.strip()] = None
     for name in text_files:
         path = Path(name).expanduser()
         if not path.is_file():
             raise PretrainError(f"--text-file {name!r}: file does not exist")
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for _, line in utf8_lines(path, f"--text-file {name!r}"):
             if line.strip():
                 texts[line.strip()] = None
     if not texts:
@@ -236,6 +248,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise PretrainError(f"--{name.replace('_', '-')}: got {getattr(args, name)}; must be > 0")
     if args.max_length < 8:
         raise PretrainError(f"--max-length: got {args.max_length}; must be >= 8")
+    if args.warmup is not None and args.warmup < 0:
+        raise PretrainError(f"--warmup: got {args.warmup}; must be >= 0")
+    if args.threads is not None and args.threads <= 0:
+        raise PretrainError(f"--threads: got {args.threads}; must be > 0")
     if not args.lr > 0:
         raise PretrainError(f"--lr: got {args.lr}; must be > 0")
     if not 0.0 <= args.sft_mix <= 1.0:

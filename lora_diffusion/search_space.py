@@ -809,6 +809,20 @@ def _exclusive(a: dict[str, list[Any]], b: dict[str, list[Any]]) -> bool:
     return any(k in b and not set(map(repr, a[k])) & set(map(repr, b[k])) for k in a)
 
 
+def _check_numeric_when(at: str, src: "Param", allowed: list[Any]) -> None:
+    """`when` on an int parameter names values of its grid; on a float parameter it never holds (a continuous
+    draw equals a given value with probability 0)."""
+    if src.type != "int":
+        raise SpaceError(f"{at}: {allowed} can never hold: {src.key} is a {src.type} parameter, so a sampled value "
+                         "equals a given one with probability 0; make it categorical to condition on it")
+    step = src.step or 1
+    bad = [v for v in allowed if isinstance(v, bool) or not isinstance(v, (int, float))
+           or not src.low <= v <= src.high or (v - src.low) % step != 0]
+    if bad:
+        raise SpaceError(f"{at}: {bad} can never hold: {src.key} takes the integers {src.low}..{src.high}"
+                         + (f" in steps of {step}" if step != 1 else "") + "; name values it can take")
+
+
 def _resolve_when(where, name, ps: ParamSpec, spec: SpaceSpec, base: Config, seen: dict[str, Param],
                   all_keys: set[str], method_searched: bool) -> dict[str, list[Any]]:
     at = f"{where}: params.{name}"
@@ -836,10 +850,18 @@ def _resolve_when(where, name, ps: ParamSpec, spec: SpaceSpec, base: Config, see
                 bad = [v for v in allowed if v not in src.choices]
                 if bad:
                     raise SpaceError(f"{at}.when.{wkey}: {bad} not among that parameter's choices {src.choices}")
+            else:  # a numeric parameter: the condition must name values it can take
+                _check_numeric_when(f"{at}.when.{wkey}", src, allowed)
         elif any(config_key(n) == wkey for n in spec.params):
             raise SpaceError(f"{at}.when.{wkey}: that parameter is listed after {name}; list it first")
         elif wkey not in all_keys:
             raise SpaceError(f"{at}.when.{wkey}: unknown key (not a parameter or config key)")
+        else:  # a fixed key of the base config: the condition holds always or never
+            fixed = base.flat().get(wkey)
+            if not any(v == fixed or str(v) == str(fixed) for v in allowed):
+                raise SpaceError(f"{at}.when.{wkey}: {allowed} can never hold: {wkey} is not searched and the base "
+                                 f"config fixes it to {fixed!r}, so {name} would never be sampled; search {wkey}, "
+                                 "change the condition or drop it")
         if wkey in when:  # already conditioned (the implicit method condition): both must hold
             when[wkey] = [v for v in when[wkey] if v in allowed]
             if not when[wkey]:

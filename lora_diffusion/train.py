@@ -698,6 +698,9 @@ def _check_base(base: str) -> None:
     if Path(path).is_dir():
         if not (Path(path) / "config.json").is_file():
             raise ConfigError(f"model.base: {base!r} is a folder without config.json (not a Hugging Face checkpoint)")
+        from lora_diffusion.model import check_no_pickle
+
+        check_no_pickle(path, base)  # only pickle weights: refused, never unpickled
         return
     if "/" in base and (base.startswith((".", "/", "~")) or os.sep in base and Path(base).parent.exists()):
         raise ConfigError(f"model.base: folder {base!r} does not exist")

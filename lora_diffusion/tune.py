@@ -855,7 +855,56 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--samples", type=int, default=5, help="configs to sample in --dry-run (default 5)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
     p.add_argument("--no-dashboard", action="store_true", help="start the local Ray cluster without its dashboard")
-    return p.parse_intermixed_args(argv)  # key=value overrides may come before or after the flags
+    args = p.parse_intermixed_args(argv)  # key=value overrides may come before or after the flags
+    for flag in ("--samples", "--num-samples", "--num-cpus", "--warm-start-k"):
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None and value < 1:
+            p.error(f"{flag}: got {value}; must be >= 1")  # exit code 2, before anything is loaded
+    return args
+
+
+def check_storage_path(storage: Path) -> None:
+    """--storage-path is a folder this user can write (or can create), checked before Ray starts; nothing is
+    created here (a probe folder is made and removed in the nearest existing parent)."""
+    import tempfile
+
+    if storage.exists() and not storage.is_dir():
+        raise SweepError(f"--storage-path: {str(storage)!r} is a file, not a folder; give the folder Tune keeps "
+                         f"sweeps in (default ./{DEFAULT_STORAGE})")
+    existing = storage
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SweepError(f"--storage-path: {str(storage)!r} cannot be created: {str(existing)!r} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lora_diffusion_probe_", dir=existing))
+    except OSError as e:
+        raise SweepError(f"--storage-path: {str(storage)!r} is not writable ({e.strerror} in {str(existing)!r}); "
+                         "choose a folder you can write") from None
+
+
+def check_restore_ownership(storage: Path, exp_dir: Path) -> None:
+    """Before `Tuner.restore` (which unpickles tuner.pkl, the trainable and trial state from `exp_dir`): the
+    storage and experiment folders and every pickle in the experiment must belong to this user and be
+    writable by nobody else, or someone else could have planted code that the restore runs."""
+    import stat
+
+    uid = os.getuid()
+    paths = [storage, exp_dir]
+    for folder, dirs, files in os.walk(exp_dir):
+        paths += [Path(folder) / d for d in dirs] + [Path(folder) / f for f in files if f.endswith((".pkl", ".pickle"))]
+    for p in paths:
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            raise SweepError(f"--resume: {p} is a symbolic link; a sweep to restore must be plain files and folders of "
+                             "yours (Ray unpickles them)")
+        if st.st_uid != uid:
+            raise SweepError(f"--resume: {p} belongs to user id {st.st_uid}, not to you ({uid}); restoring would unpickle "
+                             "files someone else controls, so it is refused. Copy the sweep into a folder of yours")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            who = " and ".join(w for bit, w in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "others")) if st.st_mode & bit)
+            raise SweepError(f"--resume: {p} is writable by {who} (mode {stat.filemode(st.st_mode)}); restoring would unpickle files others could have "
+                             f"changed, so it is refused. If only you wrote them: chmod -R go-w {exp_dir} {storage}")
 
 
 def dry_run(space: Space, exp_dir: Path, uri: str, n: int) -> int:
@@ -874,6 +923,8 @@ def dry_run(space: Space, exp_dir: Path, uri: str, n: int) -> int:
 
     print(f"MLflow: experiment {space.name!r} at {redact_uri(uri)}; best adapter registered as {space.model_name!r}")
     print(f"trials: {space.spec.num_samples}")
+    print(f"checked as a real run checks before it starts Ray: data files, base model(s), MLflow store "
+          f"{redact_uri(uri)}, storage path {exp_dir.parent}, resources")
     print("dry run: nothing started")
     return 0
 
@@ -892,14 +943,17 @@ def main(argv: list[str] | None = None) -> int:
 
         space.rebase(absolutize(space.base))
         storage = Path(args.storage_path or DEFAULT_STORAGE).expanduser().resolve()
+        check_storage_path(storage)
         exp_dir = storage / space.name
         uri = resolve_tracking_uri(args.tracking_uri or space.base.tracking.tracking_uri)
-        if args.dry_run:
+        if args.dry_run:  # the same checks a real run makes before Ray starts; a failure exits 2 as there
+            preflight(space, uri)
             return dry_run(space, exp_dir, uri, args.samples)
         restoring = (exp_dir / SWEEP_FILE).is_file()
         if args.resume and not restoring:
             raise SweepError(f"--resume: no sweep {space.name!r} in {storage} (no {exp_dir / SWEEP_FILE}); run without --resume to start it")
         if restoring:
+            check_restore_ownership(storage, exp_dir)
             check_restorable(exp_dir, space)
         preflight(space, uri)
     except (SpaceError, SweepError, ConfigError, DataError, TrackingError, ValueError) as e:

@@ -75,9 +75,9 @@ resources: {cpus_per_worker: 1}
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
-def test_dry_run_passes_on_every_shipped_space(path, tmp_path, capsys, no_ray, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    rc = tune.main([str(path), "--dry-run", "--samples", "3"])
+def test_dry_run_passes_on_every_shipped_space(path, tmp_path, capsys, no_ray, monkeypatch, shared_data):
+    monkeypatch.chdir(tmp_path)  # --dry-run checks the data like a real run: the real files
+    rc = tune.main([str(path), "--dry-run", "--samples", "3", "--data-dir", str(shared_data)])
     out = capsys.readouterr().out
     assert rc == 0, out
     s = load_space(path)
@@ -90,13 +90,17 @@ def test_dry_run_command_line(tmp_path):
     """The real command in a fresh process: prints the plan, writes nothing, starts nothing."""
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
+    data = write_sst2(tmp_path / "data")
+    work = tmp_path / "work"
+    work.mkdir()
     out = subprocess.run([sys.executable, "-m", "lora_diffusion.tune", str(REPO / "tune_spaces" / "quick.yaml"),
-                          "--dry-run", "--data-dir", str(tmp_path), "train.max_steps=60", "--num-samples", "5"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+                          "--dry-run", "--data-dir", str(data), "train.max_steps=60", "--num-samples", "5"],
+                         cwd=work, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
-    assert f"data={tmp_path}" in out.stdout and "max_steps=60" in out.stdout and "trials: 5" in out.stdout
+    assert f"data={data}" in out.stdout and "max_steps=60" in out.stdout and "trials: 5" in out.stdout
     assert "rank_early >= rank_mid >= rank_late" in out.stdout and "ASHA on min val_loss" in out.stdout
-    assert list(tmp_path.iterdir()) == []
+    assert "checked as a real run checks before it starts Ray: data files, base model(s), MLflow store" in out.stdout
+    assert list(work.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- errors before Ray
