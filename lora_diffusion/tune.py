@@ -52,6 +52,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,12 @@ OBJECTIVE = "objective"
 STATE_TAG = "trial_state"
 FINISHED, FAILED, PRUNED, RUNNING = "FINISHED", "FAILED", "PRUNED", "RUNNING"
 SWEEP_FILE = "sweep.json"  # in the experiment folder: what the sweep was started with (checked on restore)
+# The Optuna study: a journal file in the experiment folder (appends under a symlink lock: works on NFS, GPFS
+# and Lustre, where SQLite's locking does not), or the RDB URL given with --optuna-storage.
+JOURNAL_FILE = "optuna_journal.log"
+LEGACY_STUDY_DB = "optuna_study.db"  # sweeps started before the journal was the default keep using theirs
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
+WARM_START_K = 3
 
 
 class SweepError(RuntimeError):
@@ -151,6 +158,8 @@ def start_parent_run(uri: str, space: Space, experiment_id: str) -> str:
     s = space.spec
     run.log_params({
         "sweep.metric": space.metric, "sweep.mode": space.mode, "sweep.num_samples": s.num_samples,
+        "sweep.objectives": ", ".join(f"{m}:{x}" for m, x in zip(space.metrics, space.modes)),
+        "sweep.initial_points": len(space.points),
         "sweep.max_concurrent": s.max_concurrent, "sweep.sampler": s.sampler.name, "sweep.sampler_seed": s.sampler.seed,
         "sweep.scheduler": s.scheduler.name, "sweep.scheduler_metric": space.scheduler_metric,
         "sweep.grace_period": s.scheduler.grace_period, "sweep.reduction_factor": s.scheduler.reduction_factor,
@@ -413,17 +422,68 @@ def _log_pruned_adapter(tracker, trial) -> None:
         tracker.log_artifacts(Path(path) / "adapter", "adapter")
 
 
+def searcher_metrics(space: Space) -> list[str]:
+    """The result keys Optuna is told: `objective` (the first metric), then the second metric by its name."""
+    return [OBJECTIVE, *space.metrics[1:]]
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def open_optuna_storage(spec: str):
+    """An Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or the path of a journal file."""
+    import optuna
+
+    if "://" in spec:
+        return optuna.storages.RDBStorage(spec)
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    return JournalStorage(JournalFileBackend(spec))
+
+
+def optuna_storage_spec(exp_dir: Path, url: str | None) -> str:
+    """What the sweep's study lives in: the --optuna-storage URL, else the experiment folder's journal file
+    (or the SQLite file of a sweep started before the journal was the default)."""
+    if url:
+        return url
+    if (exp_dir / LEGACY_STUDY_DB).is_file() and not (exp_dir / JOURNAL_FILE).exists():
+        return f"sqlite:///{exp_dir / LEGACY_STUDY_DB}"
+    return str(exp_dir / JOURNAL_FILE)
+
+
+def check_optuna_storage(url: str) -> None:
+    """--optuna-storage: an RDB URL Optuna can open (checked by connecting, before any cluster time)."""
+    from lora_diffusion.tracking import redact_uri
+
+    scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else None
+    if scheme not in RDB_SCHEMES:
+        raise SweepError(f"--optuna-storage: got {redact_uri(url)!r}; give an RDB URL ({', '.join(s + '://...' for s in RDB_SCHEMES)}), "
+                         f"or leave it out for the journal file {JOURNAL_FILE} in the experiment folder")
+    if scheme == "sqlite":
+        path = url.split(":///", 1)[-1]
+        if path and not Path(path).expanduser().resolve().parent.is_dir():
+            raise SweepError(f"--optuna-storage: {url}: folder {str(Path(path).parent)!r} does not exist")
+    try:
+        open_optuna_storage(url)
+    except Exception as e:  # noqa: BLE001 - any driver / connection problem, said plainly
+        raise SweepError(f"--optuna-storage: cannot open {redact_uri(url)!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+
+
 def _make_searcher(space: Space, storage_url: str):
     from ray.tune.search.optuna import OptunaSearch
 
     class Search(OptunaSearch):
-        """OptunaSearch that ignores reports without the objective (e.g. an eval_* metric exists only at the end)."""
+        """OptunaSearch that ignores reports without the objective (e.g. an eval_* metric exists only at the end)
+        and tells a two-objective study a trial without both final values (stopped by ASHA) as pruned."""
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             if OBJECTIVE in result and not self._finished_in_study(trial_id):
                 super().on_trial_result(trial_id, result)
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if isinstance(self.metric, list) and result and not all(_finite(result.get(m)) for m in self.metric):
+                result = None  # Optuna: PRUNED (or FAIL when error); a multi-objective study takes no partial values
             if not self._finished_in_study(trial_id):
                 super().on_trial_complete(trial_id, result, error)
 
@@ -445,8 +505,14 @@ def _make_searcher(space: Space, storage_url: str):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return Search(space=space.define_by_run, metric=OBJECTIVE, mode=space.mode, sampler=space.make_sampler(),
-                  storage=optuna.storages.RDBStorage(storage_url), study_name=space.name)
+    metric, mode = (searcher_metrics(space), space.modes) if space.multi_objective else (OBJECTIVE, space.mode)
+    search = Search(space=space.define_by_run, metric=metric, mode=mode, sampler=space.make_sampler(),
+                    storage=open_optuna_storage(storage_url), study_name=space.name,
+                    points_to_evaluate=space.points or None)
+    with warnings.catch_warnings():  # experimental in some Optuna versions; names the objectives in optuna-dashboard
+        warnings.simplefilter("ignore")
+        search._ot_study.set_metric_names(space.metrics)
+    return search
 
 
 def _make_scheduler(space: Space):
@@ -630,13 +696,32 @@ def collect_trials(exp_dir: Path, space: Space, uri: str, experiment_id: str, pa
         rows.append({
             "trial_id": t.trial_id, "trial_name": str(t), "state": state, "status": t.status,
             "objective": last.get(OBJECTIVE), "step": last.get("step"), "params": dict(t.config),
+            # one value per objective (space.metrics), the first = `objective`
+            "values": [last.get(m) for m in searcher_metrics(space)],
             "run_id": run.info.run_id if run else None,
             "error": (run.data.tags.get("error") if run else None) or (_error_line(t) if t.status == "ERROR" else None),
             "checkpoint": getattr(getattr(t, "checkpoint", None), "path", None),
             "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                        and (k.startswith(("eval_", "val_")) or k in (OBJECTIVE, "loss", "step"))},
+                        and (k.startswith(("eval_", "val_")) or k in (OBJECTIVE, "loss", "step", *space.metrics))},
         })
     return rows
+
+
+def pareto_front(rows: list[dict[str, Any]], modes: list[str]) -> list[dict[str, Any]]:
+    """The FINISHED trials with every objective value that no other such trial dominates (at least as good in
+    every objective and better in one), best first by the first objective."""
+    ok = [r for r in rows if r["state"] == FINISHED and len(r.get("values") or []) == len(modes)
+          and all(_finite(v) for v in r["values"])]
+    sign = [1.0 if m == "max" else -1.0 for m in modes]  # larger is better after the sign
+
+    def key(r):
+        return [s * float(v) for s, v in zip(sign, r["values"])]
+
+    def dominates(a, b):
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    front = [r for r in ok if not any(dominates(key(o), key(r)) for o in ok if o is not r)]
+    return sorted(front, key=lambda r: [-x for x in key(r)])
 
 
 def best_trial(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
@@ -646,21 +731,28 @@ def best_trial(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
     return (max if mode == "max" else min)(ok, key=lambda r: r["objective"])
 
 
-def trials_table(rows: list[dict[str, Any]], space: Space, mode: str, limit: int = 10) -> str:
+def trials_table(rows: list[dict[str, Any]], space: Space, mode: str, limit: int = 10,
+                 front: list[dict[str, Any]] | None = None) -> str:
+    """The trials, best first by the objective; a two-objective sweep adds the second metric and marks
+    the Pareto front's trials with '*'."""
     keys = [p.key for p in space.params]
     short = {k: k.split(".")[-1] for k in keys}
+    on_front = {r["trial_id"] for r in front or []}
+    extra = space.metrics[1:]
     def sort_key(r):
         o = r["objective"]
         has = isinstance(o, (int, float)) and math.isfinite(o)
         rank = {FINISHED: 0, PRUNED: 1, FAILED: 2}.get(r["state"], 3)
         return (rank, 0 if has else 1, (-o if mode == "max" else o) if has else 0)
     rows = sorted(rows, key=sort_key)
-    head = ["#", "trial", "state", OBJECTIVE, "step"] + [short[k] for k in keys]
+    head = ["#", "trial", "state", OBJECTIVE] + extra + (["pareto"] if extra else []) + ["step"] + [short[k] for k in keys]
     body = []
     for i, r in enumerate(rows[:limit], 1):
         o = r["objective"]
-        body.append([str(i), r["trial_name"], r["state"], f"{o:.4g}" if isinstance(o, (int, float)) else "-",
-                     str(r["step"] if r["step"] is not None else "-")]
+        more = [_cell(v) if _finite(v) else "-" for v in (r.get("values") or [None] * (len(extra) + 1))[1:]]
+        body.append([str(i), r["trial_name"], r["state"], f"{o:.4g}" if isinstance(o, (int, float)) else "-"] + more
+                    + (["*" if r.get("trial_id") in on_front else ""] if extra else [])
+                    + [str(r["step"] if r["step"] is not None else "-")]
                     + [_cell(r["params"].get(k, "-")) for k in keys])
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
@@ -677,10 +769,11 @@ def _cell(v) -> str:
 
 
 def optuna_summary(storage_url: str, name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The Optuna study as JSON: every trial (number, state, value, params), matched to its Tune trial by params."""
+    """The Optuna study as JSON: every trial (number, state, value(s), params), matched to its Tune trial by params."""
     import optuna
 
-    study = optuna.load_study(study_name=name, storage=storage_url)
+    study = optuna.load_study(study_name=name, storage=open_optuna_storage(storage_url))
+    multi = len(study.directions) > 1
     by_params = {json.dumps(r["params"], sort_keys=True, default=str): r["trial_id"] for r in rows}
     trials, claimed = [], set()
     # Ended Optuna trials claim their Tune trial first; a RUNNING one whose Tune trial was lost with a killed
@@ -689,16 +782,21 @@ def optuna_summary(storage_url: str, name: str, rows: list[dict[str, Any]]) -> d
         tid = by_params.get(json.dumps(t.params, sort_keys=True, default=str))
         tid = None if tid in claimed else tid
         claimed.add(tid)
-        trials.append({"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+        trials.append({"number": t.number, "state": t.state.name, "values": t.values,
+                       **({} if multi else {"value": t.value}), "params": t.params,
                        "ray_trial_id": tid,
                        "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
                        "datetime_start": str(t.datetime_start) if t.datetime_start else None,
                        "datetime_complete": str(t.datetime_complete) if t.datetime_complete else None})
     trials.sort(key=lambda t: t["number"])
-    summary: dict[str, Any] = {"study_name": name, "direction": study.direction.name, "sampler": type(study.sampler).__name__,
-                               "n_trials": len(trials),
+    summary: dict[str, Any] = {"study_name": name, "directions": [d.name for d in study.directions],
+                               **({} if multi else {"direction": study.direction.name}),
+                               "sampler": type(study.sampler).__name__, "n_trials": len(trials),
                                "states": {s: sum(1 for t in trials if t["state"] == s) for s in sorted({t["state"] for t in trials})},
                                "trials": trials}
+    if multi:  # Optuna's own Pareto front (its best_trials)
+        summary["best_trials"] = [{"number": b.number, "values": b.values, "params": b.params} for b in study.best_trials]
+        return summary
     try:
         b = study.best_trial
         summary["best_trial"] = {"number": b.number, "value": b.value, "params": b.params}
@@ -744,7 +842,9 @@ def finish_sweep(space: Space, exp_dir: Path, uri: str, experiment_id: str, pare
     from lora_diffusion.tracking import RunTracker, redact_uri
 
     rows = collect_trials(exp_dir, space, uri, experiment_id, parent_run_id)
-    best = best_trial(rows, space.mode)
+    front = pareto_front(rows, space.modes) if space.multi_objective else None
+    # two objectives: the registered "best" is the front's best by the first objective
+    best = best_trial(front if front is not None else rows, space.mode)
     counts = {s: sum(1 for r in rows if r["state"] == s) for s in (FINISHED, PRUNED, FAILED, RUNNING)}
     parent = RunTracker(uri, parent_run_id, owned=True)
     if interrupted:  # trials cut off by the interruption: KILLED until a resume continues them
@@ -762,6 +862,8 @@ def finish_sweep(space: Space, exp_dir: Path, uri: str, experiment_id: str, pare
             model_uri = f"models:/{space.model_name}/{version}"
     result = {
         "sweep": space.name, "metric": space.metric, "mode": space.mode, "state": "INTERRUPTED" if interrupted else "FINISHED",
+        "metrics": space.metrics, "modes": space.modes, "asha": asha_note(space),
+        "optuna_storage": _shown_storage(storage_url, exp_dir), "initial_points": space.points,
         "experiment_path": str(exp_dir), "tracking_uri": redact_uri(uri), "mlflow_experiment": space.name,
         "mlflow_experiment_id": experiment_id, "parent_run_id": parent_run_id, "counts": counts,
         "trials_planned": space.spec.num_samples, "wall_time_s": round(wall_s, 1),
@@ -772,6 +874,9 @@ def finish_sweep(space: Space, exp_dir: Path, uri: str, experiment_id: str, pare
         },
         "trials": rows,
     }
+    if front is not None:
+        result["pareto_front"] = [{"trial_id": r["trial_id"], "trial_name": r["trial_name"], "run_id": r["run_id"],
+                                   "values": dict(zip(space.metrics, r["values"])), "params": r["params"]} for r in front]
     (exp_dir / "best.json").write_text(json.dumps(result, indent=2, default=str))
     parent.log_artifact(exp_dir / "best.json")
     try:
@@ -781,13 +886,19 @@ def finish_sweep(space: Space, exp_dir: Path, uri: str, experiment_id: str, pare
     buf = io.StringIO()
     w = csv.writer(buf)
     keys = [p.key for p in space.params]
-    w.writerow(["trial_id", "state", OBJECTIVE, "step", "run_id", *keys, "error"])
+    extra = space.metrics[1:]
+    on_front = {r["trial_id"] for r in front or []}
+    w.writerow(["trial_id", "state", OBJECTIVE, *extra, *(["pareto_front"] if extra else []), "step", "run_id", *keys, "error"])
     for r in rows:
-        w.writerow([r["trial_id"], r["state"], r["objective"], r["step"], r["run_id"],
+        w.writerow([r["trial_id"], r["state"], r["objective"], *r["values"][1:],
+                    *([r["trial_id"] in on_front] if extra else []), r["step"], r["run_id"],
                     *[r["params"].get(k, "") for k in keys], r["error"] or ""])
     parent.log_text(buf.getvalue(), "trials.csv")
     parent.log_metrics({f"trials_{k.lower()}": v for k, v in counts.items()} | {"sweep_wall_s": wall_s}, step=0)
-    tags = {"sweep_state": result["state"]}
+    tags = {"sweep_state": result["state"], "trials_planned": str(space.spec.num_samples)}
+    if front is not None:
+        parent.log_metrics({"pareto_front_size": len(front)}, step=0)
+        tags["pareto_front_trials"] = ",".join(r["trial_id"] for r in front)[:4000]
     if best is not None:
         parent.log_metrics({"best_objective": best["objective"]}, step=0)
         tags.update({"best_trial_id": best["trial_id"], "best_run_id": best["run_id"], "best_model_uri": model_uri})
@@ -796,24 +907,123 @@ def finish_sweep(space: Space, exp_dir: Path, uri: str, experiment_id: str, pare
     return result
 
 
+def asha_note(space: Space) -> str:
+    """What ASHA compares, said plainly (a two-objective sweep's scheduler sees one metric only)."""
+    if space.scheduler_metric is None:
+        return "off: every trial runs to the end"
+    note = f"on {space.scheduler_mode} {space.scheduler_metric}"
+    if space.multi_objective:
+        note += (f" (one metric; the Pareto front is of the final {' and '.join(space.metrics)}; a trial ASHA stops "
+                 "has no final values and is not on it)")
+    return note
+
+
+def _shown_storage(spec: str, exp_dir: Path) -> str:
+    from lora_diffusion.tracking import redact_uri
+
+    return redact_uri(spec) if "://" in spec else str(Path(spec))
+
+
 # --------------------------------------------------------------------------- the command
 
 
-def sweep_fingerprint(space: Space) -> dict[str, Any]:
-    return {"space": space.spec.model_dump(mode="json"), "base": space.base.to_dict()}
+def sweep_fingerprint(space: Space, optuna_storage: str | None = None) -> dict[str, Any]:
+    """What a sweep is started with; a restore must match it (but num_samples may grow: see check_restorable).
+    `optuna_storage`: the journal file's name or the redacted --optuna-storage URL."""
+    out: dict[str, Any] = {"space": space.spec.model_dump(mode="json"), "base": space.base.to_dict()}
+    if optuna_storage is not None:
+        out["optuna_storage"] = optuna_storage
+    warm = getattr(space, "_extra_points", None)
+    if warm:
+        out["warm_start"] = warm
+    return out
 
 
-def check_restorable(exp_dir: Path, space: Space) -> None:
+def _fingerprint_storage(spec: str, exp_dir: Path) -> str:
+    if spec == str(exp_dir / JOURNAL_FILE):
+        return JOURNAL_FILE
+    if spec == f"sqlite:///{exp_dir / LEGACY_STUDY_DB}":
+        return LEGACY_STUDY_DB
+    return _shown_storage(spec, exp_dir)
+
+
+def check_restorable(exp_dir: Path, space: Space, optuna_storage: str | None = None) -> int | None:
+    """Refuse to restore a sweep started with other settings (the diff says which); the trial count it
+    was planned with (a larger count extends the sweep), None when there is no saved sweep."""
     f = exp_dir / SWEEP_FILE
     if not f.is_file():
-        return
+        return None
     old = json.loads(f.read_text())
-    new = json.loads(json.dumps(sweep_fingerprint(space)))
+    new = json.loads(json.dumps(sweep_fingerprint(space, optuna_storage)))
+    if "optuna_storage" not in old:  # written before the storage was recorded
+        new.pop("optuna_storage", None)
+    planned = old.get("space", {}).pop("num_samples", None)
+    new.get("space", {}).pop("num_samples", None)
     if old != new:
         diffs = _diff(old, new)
         raise SweepError(f"{exp_dir} holds sweep {space.name!r} started with different settings "
                          f"({'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}); resume it with the same space file, "
-                         "overrides and flags, or start a new sweep with --name")
+                         "overrides and flags (only --num-samples may grow: that extends the sweep), or start a new "
+                         "sweep with --name")
+    return planned
+
+
+def extend_search(exp_dir: Path, num_samples: int) -> int:
+    """Raise the trial count in Tune's saved search state (the newest search_gen_state-*.json, which the restored
+    Tuner reads back), so the restored sweep samples more trials from the same Optuna study. The old count."""
+    import ray.cloudpickle as cloudpickle
+
+    files = sorted(exp_dir.glob("search_gen_state-*.json"))  # Ray restores the last by name
+    if not files:
+        raise SweepError(f"{exp_dir}: no saved search state (search_gen_state-*.json): this sweep cannot be extended; "
+                         "start a new one with --name (and --warm-start to reuse its best configs)")
+    state = cloudpickle.loads(files[-1].read_bytes())
+    old = int(state["total_samples"])
+    state["total_samples"], state["finished"] = num_samples, False
+    tmp = files[-1].with_name(f".{files[-1].name}.extend")
+    tmp.write_bytes(cloudpickle.dumps(state))
+    os.replace(tmp, files[-1])
+    return old
+
+
+def warm_start_points(source: str, storage: Path, space: Space, k: int) -> tuple[list[dict[str, Any]], Path]:
+    """The configs of the best `k` trials of an earlier sweep (its best.json: a path, a folder, or a sweep name
+    under the storage path), restricted to the parameters this space searches. Pareto-front trials come first."""
+    p = Path(source).expanduser()
+    tried = [p] if p.suffix == ".json" else [p / "best.json", storage / source / "best.json"]
+    found = next((t for t in tried if t.is_file()), None)
+    if found is None:
+        raise SweepError(f"--warm-start: {source!r}: no best.json at {', '.join(map(str, tried))}; give the name of a "
+                         "finished sweep (its folder under --storage-path) or the path of its best.json")
+    try:
+        data = json.loads(found.read_text())
+        rows = list(data["trials"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SweepError(f"--warm-start: {found}: not a sweep's best.json ({type(e).__name__}: {e})") from None
+    if k < 1:
+        raise SweepError(f"--warm-start-k: got {k}; must be >= 1")
+    mode = data.get("mode", "max")
+    scored = [r for r in rows if r.get("state") == FINISHED and _finite(r.get("objective"))]
+    scored.sort(key=lambda r: -r["objective"] if mode == "max" else r["objective"])
+    front = [r.get("trial_id") for r in data.get("pareto_front") or []]
+    scored.sort(key=lambda r: 0 if r.get("trial_id") in front else 1)  # stable: front first, each by objective
+    if not scored:
+        raise SweepError(f"--warm-start: {found}: no finished trial with an objective to start from")
+    known = {q.key for q in space.params}
+    points, dropped = [], set()
+    for r in scored:
+        pt = {key: v for key, v in (r.get("params") or {}).items() if key in known}
+        dropped |= set(r.get("params") or {}) - known
+        if pt and pt not in points:
+            points.append(pt)
+        if len(points) == k:
+            break
+    if dropped:
+        print(f"[tune] warm start: {', '.join(sorted(dropped))} not searched by this space; left out of the points", flush=True)
+    if not points:
+        raise SweepError(f"--warm-start: {found}: its trials share no searched parameter with this space "
+                         f"({', '.join(sorted(known))})")
+    return points, found
 
 
 def _diff(a, b, prefix="") -> list[str]:
@@ -825,10 +1035,14 @@ def _diff(a, b, prefix="") -> list[str]:
     return [] if a == b else [f"{prefix.rstrip('.')}: was {a!r}, now {b!r}"]
 
 
-def print_where(space: Space, exp_dir: Path, uri: str, experiment_id: str | None, dashboard: str | None) -> None:
+def print_where(space: Space, exp_dir: Path, uri: str, experiment_id: str | None, dashboard: str | None,
+                optuna_storage: str | None = None) -> None:
     from lora_diffusion.tracking import redact_uri
 
     print(f"[tune] experiment folder: {exp_dir}")
+    if optuna_storage:
+        shown = _shown_storage(optuna_storage, exp_dir)
+        print(f"[tune] Optuna study {space.name!r} in {shown}; browse it: optuna-dashboard {shown} --host 127.0.0.1 --port 8080")
     if dashboard:
         print(f"[tune] Ray dashboard: {dashboard}")
     print(f"[tune] MLflow: experiment {space.name!r}" + (f" (id {experiment_id})" if experiment_id else "")
@@ -848,8 +1062,14 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--name", help="sweep name (default: the space's `name`); names the experiment folder and MLflow experiment")
     p.add_argument("--storage-path", help=f"where Tune keeps experiments (default ./{DEFAULT_STORAGE}); shared storage on a cluster")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.tracking_uri, $MLFLOW_TRACKING_URI, sqlite:///mlflow.db)")
-    p.add_argument("--num-samples", type=int, help="number of trials (default: the space's num_samples)")
+    p.add_argument("--num-samples", type=int, help="number of trials (default: the space's num_samples); with --resume, "
+                   "a larger count extends a finished sweep (same Optuna study, same MLflow parent run)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name (error if there is none)")
+    p.add_argument("--optuna-storage", metavar="URL", help=f"Optuna RDB storage URL (postgresql://..., sqlite:///...); default: "
+                   f"the journal file {JOURNAL_FILE} in the experiment folder (safe on cluster file systems)")
+    p.add_argument("--warm-start", metavar="SWEEP_OR_BEST_JSON", help="try the best configs of an earlier sweep first "
+                   "(its name under --storage-path, its folder, or its best.json)")
+    p.add_argument("--warm-start-k", type=int, default=WARM_START_K, help=f"how many of its best configs (default {WARM_START_K})")
     p.add_argument("--retry-failed", action="store_true", help="with a restore: run failed trials again from their last checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print the resolved space, sample configs and the resource plan; start nothing")
     p.add_argument("--samples", type=int, default=5, help="configs to sample in --dry-run (default 5)")
@@ -946,15 +1166,29 @@ def main(argv: list[str] | None = None) -> int:
         check_storage_path(storage)
         exp_dir = storage / space.name
         uri = resolve_tracking_uri(args.tracking_uri or space.base.tracking.tracking_uri)
+        if args.warm_start:
+            points, found = warm_start_points(args.warm_start, storage, space, args.warm_start_k)
+            space.add_points(points, f"--warm-start {found}")
+            print(f"[tune] warm start: the best {len(points)} config(s) of {found} are tried first", flush=True)
         if args.dry_run:  # the same checks a real run makes before Ray starts; a failure exits 2 as there
             preflight(space, uri)
             return dry_run(space, exp_dir, uri, args.samples)
+        if args.optuna_storage:
+            check_optuna_storage(args.optuna_storage)
+        storage_url = optuna_storage_spec(exp_dir, args.optuna_storage)
+        fingerprint_storage = _fingerprint_storage(storage_url, exp_dir)
         restoring = (exp_dir / SWEEP_FILE).is_file()
         if args.resume and not restoring:
             raise SweepError(f"--resume: no sweep {space.name!r} in {storage} (no {exp_dir / SWEEP_FILE}); run without --resume to start it")
+        extend_from = None
         if restoring:
             check_restore_ownership(storage, exp_dir)
-            check_restorable(exp_dir, space)
+            planned = check_restorable(exp_dir, space, fingerprint_storage)
+            if planned is not None and space.spec.num_samples < planned:
+                raise SweepError(f"num_samples: sweep {space.name!r} is planned with {planned} trials, got {space.spec.num_samples}; "
+                                 f"resume it with --num-samples {planned} (or more, to extend it): a sweep is never shrunk")
+            if planned is not None and space.spec.num_samples > planned:
+                extend_from = planned
         preflight(space, uri)
     except (SpaceError, SweepError, ConfigError, DataError, TrackingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -989,11 +1223,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[tune] warning: {w}", flush=True)
         experiment_id = ensure_experiment(uri, space.name)
         parent_run_id = start_parent_run(uri, space, experiment_id)
-        print_where(space, exp_dir, uri, experiment_id, dashboard)
+        print_where(space, exp_dir, uri, experiment_id, dashboard, storage_url)
         exp_dir.mkdir(parents=True, exist_ok=True)
-        if not restoring:
-            (exp_dir / SWEEP_FILE).write_text(json.dumps(sweep_fingerprint(space), indent=2))
-        storage_url = f"sqlite:///{exp_dir / 'optuna_study.db'}"
         sweep = {"name": space.name, "base": space.base.to_dict(), "metric": space.metric, "tracking_uri": uri,
                  "experiment": space.name, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
                  "trial_runner": space.trial_runner, "train_storage": str(exp_dir / "train"),
@@ -1006,6 +1237,16 @@ def main(argv: list[str] | None = None) -> int:
         resources = {k.lower(): v for k, v in res.items() if v or k == "CPU"}
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), resources)
         can_restore = restoring and tune.Tuner.can_restore(str(exp_dir))
+        if can_restore and extend_from is not None:
+            extend_search(exp_dir, space.spec.num_samples)
+            _client(uri).set_tag(parent_run_id, "extended", f"{extend_from} -> {space.spec.num_samples} trials")
+            print(f"[tune] extending sweep {space.name!r} from {extend_from} to {space.spec.num_samples} trials "
+                  "(same Optuna study, same MLflow parent run)", flush=True)
+        if not restoring or extend_from is not None:
+            (exp_dir / SWEEP_FILE).write_text(json.dumps(sweep_fingerprint(space, fingerprint_storage), indent=2))
+        if space.multi_objective:
+            print(f"[tune] objectives: {', '.join(f'{x} {m}' for m, x in zip(space.metrics, space.modes))} (Optuna "
+                  f"{space.spec.sampler.name}, Pareto front); ASHA {asha_note(space)}", flush=True)
         if can_restore:
             forget_lost_trials(uri, experiment_id, parent_run_id, exp_dir)
             record_missed_ends(sweep, exp_dir)
@@ -1060,15 +1301,21 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"[tune] sweep {space.name!r}: {c[FINISHED]} finished, {c[PRUNED]} stopped early by ASHA, {c[FAILED]} failed"
           + (f", {c[RUNNING]} unfinished" if c[RUNNING] else "") + f" in {wall:.0f} s")
+    front = result.get("pareto_front")
     if result["trials"]:
-        print(f"[tune] best trials by {space.mode} {space.metric}:")
-        print(trials_table(result["trials"], space, space.mode))
+        print(f"[tune] best trials by {space.mode} {space.metric}" + (" ('*': on the Pareto front)" if front is not None else "") + ":")
+        print(trials_table(result["trials"], space, space.mode, front=front))
+    if front is not None:
+        print(f"[tune] Pareto front of {', '.join(f'{x} {m}' for m, x in zip(space.metrics, space.modes))}: {len(front)} trial(s)")
+        for f in front:
+            print(f"[tune]   {f['trial_name']}: " + ", ".join(f"{m}={_cell(v)}" for m, v in f["values"].items())
+                  + f"  MLflow run {f['run_id']}")
     b = result["best"]
     if b:
         print(f"[tune] best: {b['trial_name']} {space.metric}={b['objective']:.4g}  MLflow run {b['run_id']}")
         print(f"[tune] best adapter: {b['model_uri'] or b['adapter_uri']}  (lora_diffusion.adapter.load_adapter accepts it)")
     print(f"[tune] results: {exp_dir / 'best.json'}")
-    print_where(space, exp_dir, uri, experiment_id, None)
+    print_where(space, exp_dir, uri, experiment_id, None, storage_url)
     if interrupted:
         print(f"[tune] the sweep was interrupted; its state is saved. Continue it with the same command plus --resume",
               flush=True)

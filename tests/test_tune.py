@@ -236,3 +236,143 @@ def test_searcher_ignores_reports_for_a_trial_the_study_already_ended(tmp_path):
     restored.on_trial_complete("t1", {tune.OBJECTIVE: 0.4, "training_iteration": 3})
     trials = restored._ot_study.trials
     assert len(trials) == 1 and trials[0].state.is_finished() and trials[0].value == 0.5
+
+
+# --------------------------------------------------------------------------- sweep workflow (storage, extend, warm start, two objectives)
+
+TWO = TINY.replace("metric: loss", "metric: [loss, trainable_params]\nmode: [min, min]").replace(
+    "params:\n  train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}",
+    "params:\n  train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}\n"
+    "  method.lora_diffusion.rank_early: {type: int, low: 2, high: 16}")
+
+
+def test_pareto_front_and_its_table():
+    s = load_space(text=TWO)
+    row = lambda i, st, a, b: {"trial_id": f"t{i}", "trial_name": f"t{i}", "state": st, "objective": a,  # noqa: E731
+                               "values": [a, b], "step": 4, "params": {"train.lr": 1e-3}}
+    rows = [row(0, tune.FINISHED, 1.0, 500), row(1, tune.FINISHED, 2.0, 100), row(2, tune.FINISHED, 1.5, 600),
+            row(3, tune.PRUNED, 0.1, 50), row(4, tune.FINISHED, 1.0, 500), row(5, tune.FAILED, None, None)]
+    front = tune.pareto_front(rows, ["min", "min"])
+    assert [r["trial_id"] for r in front] == ["t0", "t4", "t1"]  # t2 is dominated; pruned/failed never count
+    assert [r["trial_id"] for r in tune.pareto_front(rows, ["max", "min"])] == ["t1"]
+    lines = tune.trials_table(rows, s, "min", front=front).splitlines()
+    assert lines[0].split()[:6] == ["#", "trial", "state", "objective", "trainable_params", "pareto"]
+    marked = {ln.split()[1] for ln in lines[1:] if " * " in ln}
+    assert marked == {"t0", "t1", "t4"}
+
+
+def test_restore_allows_a_larger_count_and_refuses_other_changes(tmp_path, capsys, no_ray, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path, TINY)
+    exp = tmp_path / "st" / "tiny"
+    exp.mkdir(parents=True)
+    from lora_diffusion.train import absolutize
+
+    def loaded(**kw):
+        s = load_space(space, **kw)
+        s.rebase(absolutize(s.base))  # as the command does
+        return s
+
+    s = loaded(num_samples=5)
+    (exp / tune.SWEEP_FILE).write_text(json.dumps(tune.sweep_fingerprint(s, tune.JOURNAL_FILE)))
+    assert tune.check_restorable(exp, loaded(num_samples=8), tune.JOURNAL_FILE) == 5
+    with pytest.raises(tune.SweepError, match="base.train.max_steps: was 4, now 6"):
+        tune.check_restorable(exp, loaded(num_samples=8, overrides=["train.max_steps=6"]), tune.JOURNAL_FILE)
+    with pytest.raises(tune.SweepError, match="optuna_storage: was 'optuna_journal.log'"):
+        tune.check_restorable(exp, s, "postgresql://u:***@h/db")
+    # fewer trials than planned: refused before Ray, with the count to use
+    assert tune.main([str(space), "--resume", "--storage-path", str(tmp_path / "st")]) == 2
+    err = capsys.readouterr().err
+    assert "planned with 5 trials, got 3" in err and "--num-samples 5" in err
+
+
+def test_extend_search_raises_the_saved_trial_count(tmp_path):
+    import ray.cloudpickle as cloudpickle
+
+    (tmp_path / "search_gen_state-2026-01-01_00-00-00.json").write_bytes(cloudpickle.dumps({"counter": 3, "total_samples": 3, "finished": True}))
+    (tmp_path / "search_gen_state-2026-01-02_00-00-00.json").write_bytes(cloudpickle.dumps({"counter": 3, "total_samples": 3, "finished": False}))
+    assert tune.extend_search(tmp_path, 7) == 3
+    newest = cloudpickle.loads((tmp_path / "search_gen_state-2026-01-02_00-00-00.json").read_bytes())
+    assert newest == {"counter": 3, "total_samples": 7, "finished": False}
+    with pytest.raises(tune.SweepError, match="no saved search state"):
+        tune.extend_search(tmp_path / "nothing", 7)
+
+
+def write_best(folder: Path, rows: list[dict], mode: str = "min", front: list[str] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"mode": mode, "trials": rows}
+    if front is not None:
+        data["pareto_front"] = [{"trial_id": t} for t in front]
+    (folder / "best.json").write_text(json.dumps(data))
+    return folder / "best.json"
+
+
+def test_warm_start_points_are_the_best_configs_of_the_earlier_sweep(tmp_path, capsys):
+    s = load_space(text=TWO)
+    rows = [{"trial_id": f"t{i}", "state": st, "objective": o, "params": {"train.lr": lr, "train.other": 1}}
+            for i, (st, o, lr) in enumerate([(tune.FINISHED, 3.0, 1e-3), (tune.FINISHED, 1.0, 2e-3),
+                                             (tune.PRUNED, 0.5, 3e-3), (tune.FINISHED, 2.0, 4e-3)])]
+    write_best(tmp_path / "st" / "old", rows)
+    points, found = tune.warm_start_points("old", tmp_path / "st", s, 2)  # by sweep name
+    assert found == tmp_path / "st" / "old" / "best.json"
+    assert points == [{"train.lr": 2e-3}, {"train.lr": 4e-3}]  # by objective (min); pruned not taken
+    assert "train.other not searched by this space" in capsys.readouterr().out
+    # a Pareto front comes first; a path to the file works too
+    write_best(tmp_path / "two", rows, front=["t0"])
+    assert tune.warm_start_points(str(tmp_path / "two" / "best.json"), tmp_path, s, 2)[0] == [{"train.lr": 1e-3}, {"train.lr": 2e-3}]
+    with pytest.raises(tune.SweepError, match="no best.json at"):
+        tune.warm_start_points("missing", tmp_path / "st", s, 2)
+
+
+def test_warm_start_with_a_point_outside_the_space_fails_before_ray(tmp_path, capsys, no_ray, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path, TINY)
+    write_best(tmp_path / "tune_results" / "old", [{"trial_id": "t0", "state": tune.FINISHED, "objective": 1.0,
+                                                     "params": {"train.lr": 0.5}}])
+    assert tune.main([str(space), "--warm-start", "old"]) == 2
+    err = capsys.readouterr().err
+    assert "--warm-start" in err and "point 1: train.lr: 0.5 is outside the range [0.0001, 0.01]" in err
+    # in range: --dry-run shows it enqueued first
+    write_best(tmp_path / "tune_results" / "old", [{"trial_id": "t0", "state": tune.FINISHED, "objective": 1.0,
+                                                     "params": {"train.lr": 0.005}}])
+    data = write_sst2(tmp_path / "data")
+    assert tune.main([str(space), "--warm-start", "old", "--dry-run", "--samples", "2", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "initial points: 1" in out and "  1: lr=0.005" in out
+
+
+def test_bad_optuna_storage_fails_before_ray(tmp_path, capsys, no_ray, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path, TINY)
+    data = write_sst2(tmp_path / "data")
+    for url, expected in [("redis://h:6379", "give an RDB URL"), (f"sqlite:///{tmp_path}/no/dir/o.db", "does not exist"),
+                          ("postgresql://u:secret@127.0.0.1:1/db", "cannot open")]:
+        assert tune.main([str(space), "--data-dir", str(data), "--optuna-storage", url]) == 2
+        err = capsys.readouterr().err
+        assert "--optuna-storage" in err and expected in err and "secret" not in err, err
+    assert not (tmp_path / "tune_results").exists()
+
+
+def test_storage_defaults_to_the_journal_and_keeps_an_old_sqlite_study(tmp_path):
+    assert tune.optuna_storage_spec(tmp_path, None) == str(tmp_path / tune.JOURNAL_FILE)
+    assert tune.optuna_storage_spec(tmp_path, "postgresql://h/db") == "postgresql://h/db"
+    (tmp_path / tune.LEGACY_STUDY_DB).write_bytes(b"")
+    assert tune.optuna_storage_spec(tmp_path, None) == f"sqlite:///{tmp_path / tune.LEGACY_STUDY_DB}"
+
+
+def test_two_objective_searcher_tells_a_stopped_trial_as_pruned(tmp_path):
+    s = load_space(text=TWO)
+    searcher = tune._make_searcher(s, str(tmp_path / tune.JOURNAL_FILE))
+    assert searcher.metric == ["objective", "trainable_params"]
+    for tid in ("a", "b"):
+        assert searcher.suggest(tid)
+    searcher.on_trial_result("a", {tune.OBJECTIVE: 2.0, "trainable_params": 10, "training_iteration": 1})
+    searcher.on_trial_complete("a", {tune.OBJECTIVE: 1.5, "trainable_params": 10, "training_iteration": 2})
+    searcher.on_trial_complete("b", {"trainable_params": 20, "training_iteration": 1})  # no final objective
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=tune.open_optuna_storage(str(tmp_path / tune.JOURNAL_FILE)))
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"] and study.trials[0].values == [1.5, 10.0]
+    assert study.metric_names == ["loss", "trainable_params"]
+    summary = tune.optuna_summary(str(tmp_path / tune.JOURNAL_FILE), "tiny", [])
+    assert summary["directions"] == ["MINIMIZE", "MINIMIZE"] and [b["number"] for b in summary["best_trials"]] == [0]
