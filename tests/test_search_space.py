@@ -58,9 +58,11 @@ def test_shipped_space_samples_valid_configs(path):
             assert cfg.flat()[name.split("@")[0]] == value
 
 
-def test_quick_space_is_the_cpu_smoke_sweep():
+def test_quick_space_is_the_cpu_sweep_on_generated_accuracy():
     s = load_space(REPO / "tune_spaces" / "quick.yaml")
     assert s.base.model.base == "minilm" and s.base.train.gpus_per_worker == 0
+    assert s.metric == "eval_accuracy" and s.mode == "max" and s.base.task.eval_subset_size is None  # all 872
+    assert s.base.diffusion.loss_weighting == "none" and s.base.method.lora_diffusion.condition == "prompt"
     assert s.trial_runner == "in_process" and s.scheduler_metric == "val_loss"
     assert s.base.task.resolved_data_dir() is None or s.base.task.data_dir is None  # the Hub unless told
 
@@ -462,3 +464,20 @@ def test_initial_points_respect_conditions():
         body.replace("POINT", "{method.name: lora_diffusion, method.weight_lora.r: 8}"))
     assert "give method.name in the point too" in error(body.replace("POINT", "{method.weight_lora.r: 8}"))
     assert "not one of the choices" in error(body.replace("POINT", "{method.name: lora}"))
+
+
+@pytest.mark.parametrize("stem", ["lora_diffusion_sst2", "lora_diffusion_squad", "lora_diffusion_xsum", "compare_methods"])
+def test_shipped_lora_diffusion_spaces_try_the_paper_defaults_first(stem):
+    s = load_space(REPO / "tune_spaces" / f"{stem}.yaml")
+    cfg = s.trial_config(s.sample(1)[0]).method.lora_diffusion
+    assert (cfg.rank_early, cfg.rank_mid, cfg.rank_late) == (64, 32, 8)
+    assert cfg.b1 == pytest.approx(1 / 3, abs=1e-6) and cfg.b2 == pytest.approx(2 / 3, abs=1e-6)
+
+
+def test_compare_methods_is_accuracy_against_trainable_parameters_across_six_methods():
+    s = load_space(REPO / "tune_spaces" / "compare_methods.yaml")
+    assert s.metrics == ["eval_accuracy", "trainable_params"] and s.modes == ["max", "min"]
+    assert set(next(p for p in s.params if p.key == "method.name").choices) == {
+        "lora_diffusion", "weight_lora", "adapters", "prefix_tuning", "bitfit", "full_ft"}
+    assert s.scheduler_metric == "val_loss"  # ASHA on one training metric, said in describe()
+    assert "Pareto front" in s.describe() and "ASHA compares one metric: val_loss" in s.describe()
