@@ -147,11 +147,18 @@ def test_quality_smoke(tmp_path):
     for r in rows.values():
         has(r, "accuracy", "accuracy_std", "denoise_acc", "denoise_acc_std", "non_label_rate", "trainable", "total",
             "trainable_pct", "train_s", "eval_s", "n_eval", "lr", "top_prediction_share", "majority_baseline")
-        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["denoise_acc"] <= 1.0
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["denoise_acc"] <= 1.0 and 0.0 <= r["rank_accuracy"] <= 1.0
+        assert 0.0 <= r["denoise_acc_content"] <= 1.0
         assert len(r["per_seed_accuracy"]) == n_seeds
         assert r["n_eval"] == 64  # the whole (synthetic) validation split
+        if r["method"] != "lora_diffusion":  # paired tests against LoRA-Diffusion (p may be undefined: None + reason)
+            assert r["vs_lora_diffusion"]["n"] == n_seeds
+            assert 0.0 < r["bootstrap_vs_lora_diffusion"]["p"] <= 1.0
     assert rows["full_ft"]["trainable_pct"] == pytest.approx(100.0)
-    assert {g["goal"].split(" ")[0] for g in result["goals"]} == {"lora_diffusion"}
+    probe = result["reference"]["probe"]
+    assert 0.0 <= probe["label_position"] <= 1.0 and 0.0 <= probe["mean_prompt"] <= 1.0 and probe["n_eval"] == 64
+    assert {g["goal"].split(" ")[0] for g in result["goals"]} == set(METHOD_NAMES)
+    assert "reference: linear probe" in md and "reference: always the majority label" in md
 
 
 # --------------------------------------------------------------------------- bad input: clear errors, nothing run

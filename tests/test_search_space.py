@@ -58,9 +58,11 @@ def test_shipped_space_samples_valid_configs(path):
             assert cfg.flat()[name.split("@")[0]] == value
 
 
-def test_quick_space_is_the_cpu_smoke_sweep():
+def test_quick_space_is_the_cpu_sweep_on_generated_accuracy():
     s = load_space(REPO / "tune_spaces" / "quick.yaml")
     assert s.base.model.base == "minilm" and s.base.train.gpus_per_worker == 0
+    assert s.metric == "eval_accuracy" and s.mode == "max" and s.base.task.eval_subset_size is None  # all 872
+    assert s.base.diffusion.loss_weighting == "none" and s.base.method.lora_diffusion.condition == "prompt"
     assert s.trial_runner == "in_process" and s.scheduler_metric == "val_loss"
     assert s.base.task.resolved_data_dir() is None or s.base.task.data_dir is None  # the Hub unless told
 
