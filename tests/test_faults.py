@@ -28,34 +28,37 @@ from test_tune import write_sst2
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 STEPS, EVERY = 60, 10
-REPORT_STEPS = list(range(EVERY, STEPS + 1, EVERY))
-SPACE = f"""\
+SPACE = """\
 name: faults
 overrides:
   model.base: builtin:tiny
   model.max_length: 32
   task.eval_subset_size: 8
   train.batch_size: 8
-  train.max_steps: {STEPS}
+  train.max_steps: STEPS
   train.warmup_steps: 0
-  train.report_every: {EVERY}
-  train.eval_every: {EVERY}
+  train.report_every: EVERY
+  train.eval_every: EVERY
   train.val_examples: 16
   train.keep_checkpoints: 1
   sampling.steps: 2
 params:
-  train.lr: {{type: float, low: 1.0e-3, high: 1.0e-2, log: true}}
-  method.lora_diffusion.rank_early: {{type: int, low: 2, high: 8}}
+  train.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+  method.lora_diffusion.rank_early: {type: int, low: 2, high: 8}
 metric: eval_denoise_acc
 mode: max
-sampler: {{name: tpe, seed: 0, n_startup_trials: 10}}
-scheduler: {{name: none}}
-num_samples: 3
+sampler: {name: tpe, seed: 0, n_startup_trials: 10}
+scheduler: {name: none}
+num_samples: SAMPLES
 max_concurrent: 1
-resources: {{workers: 1, cpus_per_worker: 1}}
+resources: {workers: 1, cpus_per_worker: 1}
 model_name: faults-best
 """
 EXIT_FAULT = 75
+
+
+def space_text(steps: int = STEPS, samples: int = 3) -> str:
+    return SPACE.replace("STEPS", str(steps)).replace("EVERY", str(EVERY)).replace("SAMPLES", str(samples))
 
 
 def free_port() -> int:
@@ -154,7 +157,7 @@ def wait_for(pred, proc: subprocess.Popen, log: Path, what: str, timeout: float 
     pytest.fail(f"not within {timeout} s: {what}\n" + log.read_text()[-5000:])
 
 
-def check_every_trial_once(uri: str, exp_dir: Path, n: int) -> None:
+def check_every_trial_once(uri: str, exp_dir: Path, n: int, steps: int = STEPS) -> None:
     """Every Tune trial is one FINISHED child run of the sweep's one parent, with its full metric history
     (every report step once) and its adapter."""
     from mlflow import MlflowClient
@@ -172,9 +175,9 @@ def check_every_trial_once(uri: str, exp_dir: Path, n: int) -> None:
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert r.info.status == "FINISHED" and r.data.tags["trial_state"] == "FINISHED", r.data.tags
         for key in ("loss", "val_loss"):
-            steps = [h.step for h in client.get_metric_history(r.info.run_id, key)]
-            assert sorted(steps) == REPORT_STEPS, (r.data.tags["ray_trial_id"], key, steps)
-        assert [h.step for h in client.get_metric_history(r.info.run_id, "objective")] == [STEPS]
+            logged = sorted(h.step for h in client.get_metric_history(r.info.run_id, key))
+            assert logged == list(range(EVERY, steps + 1, EVERY)), (r.data.tags["ray_trial_id"], key, logged)
+        assert [h.step for h in client.get_metric_history(r.info.run_id, "objective")] == [steps]
         assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(r.info.run_id, "adapter")}
     assert best["best"]["model_uri"] == "models:/faults-best/1"
 
@@ -234,7 +237,7 @@ def test_space_report_names_the_full_folder(tmp_path):
 def test_mlflow_server_killed_mid_sweep(tmp_path):
     write_sst2(tmp_path / "data")
     space = tmp_path / "faults.yaml"
-    space.write_text(SPACE)
+    space.write_text(space_text())
     server = MlflowServer(tmp_path / "server")
     storage = tmp_path / "tune"
     log1 = tmp_path / "run1.log"
@@ -293,6 +296,9 @@ def test_mlflow_server_killed_mid_sweep(tmp_path):
 # --------------------------------------------------------------------------- item 13: the disk fills up
 
 
+DISK_STEPS = 200
+
+
 def fill(folder: Path) -> int:
     """Write a filler file in `folder` until its file system is full; the bytes written."""
     n = 0
@@ -340,7 +346,8 @@ def test_disk_full_mid_sweep(tmp_path):
     try:
         write_sst2(tmp_path / "data")
         space = tmp_path / "faults.yaml"
-        space.write_text(SPACE)
+        # 2 trials of 200 steps: the second is still running after the fill however fast the machine is
+        space.write_text(space_text(steps=DISK_STEPS, samples=2))
         storage, store = disk / "tune", disk / "mlflow"
         store.mkdir()
         db = store / "mlflow.db"
@@ -392,7 +399,7 @@ def test_disk_full_mid_sweep(tmp_path):
                               text=True, env=env(), timeout=600)
         (tmp_path / "run2.log").write_text(out2.stdout + out2.stderr)
         assert out2.returncode == 0, (out2.stdout + out2.stderr)[-6000:]
-        check_every_trial_once(uri, exp_dir, 3)
+        check_every_trial_once(uri, exp_dir, 2, steps=DISK_STEPS)
     finally:
         if proc is not None:
             stop_group(proc)
