@@ -129,7 +129,7 @@ def _check_store(uri: str) -> None:
 
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
-        if not path.is_file():
+        if not path.exists():
             raise ReportError(f"tracking URI {redact_uri(uri)}: no MLflow store at {str(path)!r}; "
                               "pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the sweep's store")
     try:
