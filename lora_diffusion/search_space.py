@@ -646,7 +646,11 @@ def load_space(path: str | os.PathLike | None = None, *, text: str | None = None
         p = Path(path)
         if not p.is_file():
             raise SpaceError(f"space file {where!r} does not exist")
-        text = p.read_text()
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise SpaceError(f"space file {where!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                             f"{e.start}); a search space is a YAML file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -390,3 +390,12 @@ def test_commands_in_a_fresh_process_end_with_a_message_not_a_traceback(data, ad
         assert out.returncode == 2 and part in out.stderr, (args, out.stderr[-2000:])
         assert "Traceback" not in out.stderr and "pw@" not in out.stderr + out.stdout, (args, out.stderr[-2000:])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.db", "trunc"]
+
+
+def test_a_binary_config_or_space_file_is_named(tmp_path, capsys, no_ray):
+    from lora_diffusion import train, tune
+
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00binary")
+    expect_refused(capsys, train.main(["--config", str(binary)]), f"config file {str(binary)!r} is not UTF-8 text")
+    expect_refused(capsys, tune.main([str(binary), "--dry-run"]), f"space file {str(binary)!r} is not UTF-8 text")
