@@ -9,7 +9,9 @@
 # - Every Ray process gets a short per-job --temp-dir (AF_UNIX paths: 107 bytes), explicit head ports
 #   derived from the job id (so jobs sharing a node never meet), token authentication (a per-job
 #   token file, mode 600), the dashboard on 127.0.0.1, and RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0.
-# - Waits until every node has joined (polls ray.nodes(); RAY_SLURM_JOIN_TIMEOUT, clear error).
+# - Starts the workers once the head is registered, then waits until every node has joined (polls
+#   ray.nodes(); RAY_SLURM_JOIN_TIMEOUT, clear error). While the driver runs, a worker node whose Ray
+#   stopped is started again (RAY_SLURM_NODE_RESTARTS).
 # - MLflow: MLFLOW_TRACKING_URI (a store on shared storage) is passed to the driver; with
 #   RAY_SLURM_MLFLOW_UI=1 an `mlflow server` on that store is started on the head, bound to 127.0.0.1.
 # - Prints the `ssh -L` command for the dashboard and the MLflow UI.
@@ -32,6 +34,8 @@
 #   RAY_SLURM_DRAIN_S     seconds the driver gets to save after SIGINT (default 60)
 #   RAY_SLURM_REQUEUE     1: requeue after SIGUSR1 (default); 0: just stop (chain with --dependency)
 #   RAY_SLURM_MAX_RESTARTS  stop requeueing after this many restarts (default 20)
+#   RAY_SLURM_NODE_RESTARTS  restart a worker node's Ray that stopped while the driver runs, at most
+#                         this many times in all (default 3; 0: never)
 #   RAY_SLURM_RESUME_ARGS arguments appended to the command on a requeued run (default "--resume")
 #   RAY_SLURM_MLFLOW_UI   1: serve MLFLOW_TRACKING_URI with `mlflow server` on 127.0.0.1 (default 0)
 #   RAY_SLURM_LOGIN_HOST  host for the ssh command (default: OSC_LOGIN_HOSTS[SLURM_CLUSTER_NAME], e.g.
@@ -176,7 +180,8 @@ fi
 say "Ray temp dir: $RAY_SLURM_TMP ($TMP_WHY)"
 JOIN_TIMEOUT=${RAY_SLURM_JOIN_TIMEOUT:-300}
 DRAIN_S=${RAY_SLURM_DRAIN_S:-60}
-for v in JOIN_TIMEOUT DRAIN_S; do [[ ${!v} =~ ^[0-9]+$ ]] || die "$v='${!v}' must be a whole number of seconds"; done
+MAX_NODE_RESTARTS=${RAY_SLURM_NODE_RESTARTS:-3}
+for v in JOIN_TIMEOUT DRAIN_S MAX_NODE_RESTARTS; do [[ ${!v} =~ ^[0-9]+$ ]] || die "$v='${!v}' must be a whole number of seconds"; done
 WPORTS=$(worker_port_args) || exit 2
 command -v ray >/dev/null || die "'ray' is not on PATH: activate the project's venv in the job script (see cluster/README.md)"
 command -v scontrol >/dev/null || die "'scontrol' is not on PATH"
@@ -307,22 +312,21 @@ if [[ ${RAY_SLURM_MLFLOW_UI:-0} == 1 ]]; then
 fi
 
 # ---------------------------------------------------------------- workers
-for ((n = 1; n < ${#NODES[@]}; n++)); do
-  node=${NODES[$n]}
-  c=${CPUS[$n]:-$HEAD_CPUS}
-  gres=()
+start_worker() {  # node index (1..): one srun step running this script in node mode
+  local n=$1 node=${NODES[$1]} c=${CPUS[$1]:-$HEAD_CPUS} gres=()
   ((HEAD_GPUS > 0)) && gres=(--gres="gpu:$HEAD_GPUS")
-  srun --overlap --nodes=1 --ntasks=1 -w "$node" --cpus-per-task="$c" "${gres[@]}" \
-    --kill-on-bad-exit=0 --output="$LOGS/worker-$node.log" bash "$SELF" --node </dev/null &
-  WORKER_PIDS+=($!)
+  srun --overlap --nodes=1 --ntasks=1 -w "$node" --cpus-per-task="$c" "${gres[@]}" --kill-on-bad-exit=0 \
+    --open-mode=append --output="$LOGS/worker-$node.log" bash "$SELF" --node </dev/null &
+  WORKER_PIDS[n - 1]=$!
   say "worker on $node: srun (pid $!), $c CPUs"
-done
-
-# ---------------------------------------------------------------- wait until every node joined
-say "waiting for ${#NODES[@]} node(s) to join (timeout ${JOIN_TIMEOUT} s)"
-RAY_ADDRESS=$RAY_SLURM_HEAD_ADDR python - "${#NODES[@]}" "$JOIN_TIMEOUT" "$HEAD_PID" "${WORKER_PIDS[@]}" <<'PY' &
+}
+# ---------------------------------------------------------------- wait until the nodes joined
+# wait_for_nodes LABEL WANT PID...: polls ray.nodes() until WANT nodes are alive (RAY_SLURM_JOIN_TIMEOUT);
+# fails at once when one of the PIDs exits. Exit 3: the head phase timed out (the cluster phase decides).
+wait_for_nodes() {
+  RAY_ADDRESS=$RAY_SLURM_HEAD_ADDR python - "$@" "$JOIN_TIMEOUT" <<'PY' &
 import os, sys, time
-want, timeout, pids = int(sys.argv[1]), float(sys.argv[2]), [int(p) for p in sys.argv[3:]]
+label, want, pids, timeout = sys.argv[1], int(sys.argv[2]), [int(p) for p in sys.argv[3:-1]], float(sys.argv[-1])
 start = time.time()
 def dead():
     out = []
@@ -345,18 +349,29 @@ while time.time() - start < timeout:
         if len(alive) >= want:
             cpus = sum(n["Resources"].get("CPU", 0) for n in alive)
             gpus = sum(n["Resources"].get("GPU", 0) for n in alive)
-            print(f"[ray_slurm] cluster up: {len(alive)}/{want} nodes, {cpus:g} CPUs, {gpus:g} GPUs "
+            print(f"[ray_slurm] {label} up: {len(alive)}/{want} nodes, {cpus:g} CPUs, {gpus:g} GPUs "
                   f"after {time.time() - start:.1f} s", flush=True)
             sys.exit(0)
     except Exception as e:  # head not up yet
         err = f"{type(e).__name__}: {e}"
     time.sleep(1)
+if label == "head":
+    sys.exit(3)
 sys.exit(f"only {len(alive)} of {want} nodes joined the Ray cluster within {timeout:g} s "
          f"(RAY_SLURM_JOIN_TIMEOUT); last error: {err or '-'}; see the logs folder")
 PY
-WAITER=$!
-while kill -0 "$WAITER" 2>/dev/null; do wait "$WAITER"; done
-wait "$WAITER" || die "Ray cluster did not come up (logs: $LOGS)"
+  WAITER=$!
+  while kill -0 "$WAITER" 2>/dev/null; do wait "$WAITER"; done
+  wait "$WAITER"
+}
+# The head first: a worker that starts before the head is registered in GCS gives up ("No node info
+# found for head node") on a busy node.
+say "waiting for the head, then for ${#NODES[@]} node(s) to join (timeout ${JOIN_TIMEOUT} s each)"
+wait_for_nodes head 1 "$HEAD_PID"
+rc=$?
+((rc == 0 || rc == 3)) || die "Ray head did not come up (logs: $LOGS)"
+for ((n = 1; n < ${#NODES[@]}; n++)); do start_worker "$n"; done
+wait_for_nodes cluster "${#NODES[@]}" "$HEAD_PID" "${WORKER_PIDS[@]}" || die "Ray cluster did not come up (logs: $LOGS)"
 
 # ---------------------------------------------------------------- how to watch it
 default_login=${OSC_LOGIN_HOSTS[${SLURM_CLUSTER_NAME:-none}]:-${SLURM_SUBMIT_HOST:-$(hostname -f)}}
@@ -383,7 +398,29 @@ else
     RAY_SLURM_DASHBOARD_PORT=$DASH_PORT RAY_SLURM_NUM_NODES=${#NODES[@]} \
     setsid "${cmd[@]}" </dev/null &
   DRIVER_PID=$!
-  while kill -0 "$DRIVER_PID" 2>/dev/null; do wait "$DRIVER_PID"; done
+  # While the driver runs: a worker node whose Ray stopped (its processes killed, the raylet crashed)
+  # gets a fresh `ray start` on the same node, up to RAY_SLURM_NODE_RESTARTS times in all; Ray Train
+  # then restarts the interrupted trial from its last checkpoint (train.max_failures), or Tune records
+  # it failed and goes on.
+  NODE_RESTARTS=0
+  while kill -0 "$DRIVER_PID" 2>/dev/null; do
+    for ((n = 1; n < ${#NODES[@]}; n++)); do
+      p=${WORKER_PIDS[n - 1]}
+      [[ -z $p ]] || kill -0 "$p" 2>/dev/null || ((REQUEUE_WANTED)) || {
+        wait "$p" 2>/dev/null
+        if ((NODE_RESTARTS < MAX_NODE_RESTARTS)); then
+          NODE_RESTARTS=$((NODE_RESTARTS + 1))
+          say "worker on ${NODES[n]}: its Ray stopped (srun pid $p ended); restarting it ($NODE_RESTARTS of $MAX_NODE_RESTARTS, RAY_SLURM_NODE_RESTARTS)"
+          start_worker "$n"
+        else
+          say "worker on ${NODES[n]}: its Ray stopped (srun pid $p ended); not restarting it ($MAX_NODE_RESTARTS restarts already, RAY_SLURM_NODE_RESTARTS)"
+          WORKER_PIDS[n - 1]=""
+        fi
+      }
+    done
+    sleep 2 &
+    wait $! 2>/dev/null
+  done
   wait "$DRIVER_PID"
   DRIVER_RC=$?
   say "driver exited with $DRIVER_RC"
