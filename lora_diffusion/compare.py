@@ -766,12 +766,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print("dry run: nothing started")
             return 0
-        check_restorable(study, storage / study.name)
         from lora_diffusion import train
 
         for c in study.candidates:
             c.config = train.absolutize(c.config)
             train.preflight(c.config)
+        check_restorable(study, storage / study.name)  # after absolutize: what run_study records
         check_tracking_uri(uri)
     except (StudyError, ConfigError, DataError, TrackingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -289,3 +289,16 @@ def test_real_seed_study_two_methods_two_seeds(tmp_path):
 
     page, _ = build_report("tiny_seeds", uri)
     assert '<section id="seed-study">' in page and 'id="seed-study"' in page and "(baseline)" in page
+
+    # the same command again: the study is restored, nothing is retrained, nothing duplicated
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming study 'tiny_seeds'" in again.stdout
+    runs = c.search_runs([exp.experiment_id])
+    assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]) == 4
+    assert len([r for r in runs if r.data.tags.get("study") == "seed_study"]) == 1
+    redo = json.loads((tmp_path / "tune" / "tiny_seeds" / "seed_study.json").read_text())
+    assert [m["values"] for m in redo["methods"]] == [m["values"] for m in result["methods"]]
+    # other inputs under the same name are refused, before Ray starts
+    changed = subprocess.run(cmd + ["train.lr=0.5"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert changed.returncode == 2 and "started with other settings" in changed.stderr and "train" in changed.stderr
