@@ -699,14 +699,20 @@ def seed_study(sweep: Sweep) -> Section | None:
     base = result["baseline"]
     head = ["method", "seeds", f"{result['metric']} mean ± std", "95 % CI", f"Δ vs {base}", "t-test p (seeds)",
             "bootstrap Δ [95 %] (examples)", "bootstrap p", "trainable params", "per seed"]
-    rows = []
+    rows, reasons = [], []
+
+    def missing(reason: str | None) -> str:  # an undefined test: a numbered note under the table says why
+        if not reason:
+            return "–"
+        reasons.append(reason)
+        return f"– [{len(reasons)}]"
+
     for r in result["methods"]:
         t, b = r.get("t_test") or {}, r.get("bootstrap") or {}
         ci = "–" if r["ci95"][0] is None else f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
         delta = "(baseline)" if r["method"] == base else ("–" if t.get("mean_diff") is None else f"{t['mean_diff']:+.2f}")
-        p_t = format_p(t["p"]) if t.get("p") is not None else ("–" + (f" ({t['reason']})" if t.get("reason") else ""))
-        boot = ("–" + (f" ({b['reason']})" if b.get("reason") else "")) if b.get("diff") is None else \
-            f"{b['diff']:+.2f} [{b['lo']:+.2f}, {b['hi']:+.2f}]"
+        p_t = format_p(t["p"]) if t.get("p") is not None else missing(t.get("reason"))
+        boot = missing(b.get("reason")) if b.get("diff") is None else f"{b['diff']:+.2f} [{b['lo']:+.2f}, {b['hi']:+.2f}]"
         cells = [r["method"], r["n"], "–" if r["mean"] is None else f"{r['mean']:.2f} ± {r['std']:.2f}", ci, delta, p_t, boot,
                  format_p(b["p"]) if b.get("p") is not None else "–", r.get("trainable_params"),
                  ", ".join(f"{s}: {v:.2f}" for s, v in r["values"].items())]
@@ -718,7 +724,8 @@ def seed_study(sweep: Sweep) -> Section | None:
     intro = (f"The best config of each method rerun on seeds {html.escape(', '.join(map(str, result['seeds'])))} "
              f"(same budget, same data order per seed). Δ = method − {html.escape(base)}; paired t-test over the seeds "
              "both finished; paired bootstrap over validation examples (per-example scores averaged over those seeds).")
-    return Section("seed-study", title, intro, [table])
+    notes = [Note(f"[{i}] {reason}") for i, reason in enumerate(reasons, 1)]
+    return Section("seed-study", title, intro, [table, *notes])
 
 
 # --------------------------------------------------------------------------- the page
