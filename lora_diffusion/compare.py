@@ -432,16 +432,22 @@ def markdown_table(result: dict[str, Any]) -> str:
     head = ["method", "seeds", f"{metric} mean ± std", "95 % CI", f"Δ vs {base}", "paired t-test p (seeds)",
             "bootstrap Δ [95 %] (examples)", "bootstrap p", "trainable params"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    reasons: list[str] = []
+
+    def missing(reason: str | None) -> str:  # an undefined test: a numbered note under the table says why
+        reasons.append(reason or "not defined")
+        return f"— [{len(reasons)}]"
+
     for r in result["methods"]:
         t, b = r.get("t_test"), r.get("bootstrap")
         ci = "—" if r["ci95"][0] is None else f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
         delta = p_t = boot = p_b = "—"
         if t is not None:
             delta = "—" if t["mean_diff"] is None else f"{t['mean_diff']:+.2f}"
-            p_t = format_p(t["p"] if t["p"] is not None else float("nan")) + (f" ({t['reason']})" if t.get("reason") else "")
+            p_t = format_p(t["p"]) if t["p"] is not None else missing(t.get("reason"))
         if b is not None:
             if b.get("reason"):
-                boot = f"— ({b['reason']})"
+                boot = missing(b["reason"])
             else:
                 boot, p_b = f"{b['diff']:+.2f} [{b['lo']:+.2f}, {b['hi']:+.2f}]", format_p(b["p"])
         if r["method"] == base:
@@ -453,7 +459,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     notes = [f"{metric} ({result['mode']}) over seeds {', '.join(map(str, result['seeds']))}; Δ = method − {base}. "
              "t-test: paired over the seeds both finished (two-sided); bootstrap: paired over validation examples, "
              "per-example scores averaged over those seeds, 10,000 resamples (two-sided p)."]
-    return "\n".join(lines) + "\n\n" + notes[0] + "\n"
+    notes += [f"[{i}] {reason}." for i, reason in enumerate(reasons, 1)]
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
 # --------------------------------------------------------------------------- running the trials

@@ -226,7 +226,7 @@ def test_analysis_with_a_failed_seed_and_no_scores(tmp_path):
     assert other["t_test"]["seeds"] == [0] and other["t_test"]["p"] is None and "at least 2" in other["t_test"]["reason"]
     assert other["bootstrap"]["reason"].startswith("bitfit seed 0") or other["bootstrap"]["reason"].startswith("lora_diffusion seed 0")
     table = C.markdown_table(result)
-    assert "| bitfit | 1 (failed: 1) |" in table and "needs at least 2 pairs" in table
+    assert "| bitfit | 1 (failed: 1) |" in table and "— [1]" in table and "[1] needs at least 2 pairs" in table
 
 
 # --------------------------------------------------------------------------- the real thing
