@@ -228,6 +228,40 @@ def test_space_report_names_the_full_folder(tmp_path):
     assert f"storage path {tmp_path / 'not' / 'yet'}: " in text and "free of" in text
 
 
+def test_resume_records_trial_ends_mlflow_missed(tmp_path, monkeypatch):
+    """A trial that ended while the store was down (Tune saved the end, MLflow did not hear of it) is recorded
+    at the restore; a run that already says how it ended is left alone."""
+    from types import SimpleNamespace
+
+    import ray.tune
+    from mlflow import MlflowClient
+
+    from lora_diffusion import tune
+    from lora_diffusion.config import load_config
+    from lora_diffusion.tracking import RunTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, ["model.base=builtin:tiny", "train.max_steps=20"])
+    exp_id = tune.ensure_experiment(uri, "s")
+    parent = RunTracker.start(uri, "s", tags={"run_type": "sweep", "sweep": "s"})
+    runs = {}
+    for tid, state in (("missed", "RUNNING"), ("known", "FINISHED")):
+        r = RunTracker.start(uri, "s", parent_run_id=parent.run_id, tags={"run_type": "trial", "ray_trial_id": tid,
+                                                                           "trial_state": state})
+        runs[tid] = r.run_id
+    MlflowClient(uri).set_terminated(runs["known"], status="FINISHED")
+    ended = [SimpleNamespace(trial_id=t, status="TERMINATED", last_result={"step": 20}, config={}, checkpoint=None,
+                             __str__=lambda self: "t") for t in ("missed", "known")]
+    monkeypatch.setattr(ray.tune, "ExperimentAnalysis", lambda path: SimpleNamespace(trials=ended))
+    sweep = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent.run_id, "base": cfg.to_dict(),
+             "experiment": "s", "name": "s"}
+    known_end = MlflowClient(uri).get_run(runs["known"]).info.end_time
+    tune.record_missed_ends(sweep, tmp_path)
+    missed = MlflowClient(uri).get_run(runs["missed"])
+    assert missed.info.status == "FINISHED" and missed.data.tags["trial_state"] == "FINISHED"
+    assert MlflowClient(uri).get_run(runs["known"]).info.end_time == known_end
+
+
 # --------------------------------------------------------------------------- item 11: the MLflow server is killed
 
 
