@@ -8,9 +8,9 @@ MLflow's own `SystemMetricsMonitor` (what `mlflow.start_run(log_system_metrics=T
 project addresses runs by id, so it starts the monitor itself): a thread samples every
 `tracking.system_metrics_interval_s` seconds and logs `system/cpu_utilization_percentage`,
 `system/system_memory_usage_megabytes`, `system/system_memory_usage_percentage`, disk and network
-counters and, with an NVIDIA GPU and `nvidia-ml-py` installed, `system/gpu_<i>_utilization_percentage`
+counters and, with an NVIDIA GPU and `nvidia-ml-py` installed (the `gpu` extra), `system/gpu_<i>_utilization_percentage`
 and `system/gpu_<i>_memory_usage_megabytes`. The MLflow UI shows them in the run's System metrics
-tab, so a user sees which trials starved.
+tab, so a user sees which trials starved. A run shorter than one interval still gets one sample, at its end.
 
 Node tags: every monitored run gets `node_hostname` and `ray_node_id` (when under Ray) of its rank 0,
 and `node.rank<r>` = "<hostname> <ray node id>" for each rank. Rank 0 logs as `system/...`; the
@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import socket
 from typing import Any
+
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 
 def ray_node_id() -> str | None:
@@ -51,18 +53,34 @@ def start_monitor(tracking_uri: str | None, run_id: str | None, rank: int = 0, i
     """Tag the run with this node and start MLflow's system-metrics thread for it; None without a run."""
     if not tracking_uri or not run_id:
         return None
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
     from lora_diffusion.tracking import client
 
     client(tracking_uri).log_batch(run_id, tags=_tags(node_tags(rank)))
     # the monitor says "Started monitoring system metrics." at INFO on every trial: keep the console quiet
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, samples_before_logging=1,
-                                   resume_logging=True, node_id=None if rank == 0 else f"rank{rank}",
-                                   tracking_uri=tracking_uri)
+    monitor = Monitor(run_id, sampling_interval=interval_s, samples_before_logging=1, resume_logging=True,
+                      node_id=None if rank == 0 else f"rank{rank}", tracking_uri=tracking_uri)
     monitor.start()
     return monitor
+
+
+class Monitor(SystemMetricsMonitor):
+    """MLflow's monitor, plus one sample at the end of a run shorter than one interval (MLflow's thread
+    logs only after a full interval, so such a run would have no system metrics at all)."""
+
+    published = 0
+
+    def publish_metrics(self, metrics):
+        super().publish_metrics(metrics)
+        self.published += 1
+
+    def finish(self):
+        started = self._process is not None
+        super().finish()
+        if started and not self.published:
+            self.collect_metrics()
+            self.publish_metrics(self.aggregate_metrics())
+            self.mlflow_logger.flush()
 
 
 def stop_monitor(monitor: Any) -> None:

@@ -118,3 +118,17 @@ def test_render_card_is_short_and_deterministic(tiny_config):
     assert "| eval_denoise_acc | 60.12 |" in a
     no_uri = render_card(tiny_config, {}, counts, 0)
     assert "--adapter <this folder>" in no_uri and "No evaluation metrics at this step." in no_uri
+
+
+def test_a_run_shorter_than_one_interval_still_gets_a_sample(tmp_path):
+    from lora_diffusion.system_metrics import start_monitor, stop_monitor
+    from lora_diffusion.tracking import RunTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = RunTracker.start(uri, "short")
+    monitor = start_monitor(uri, run.run_id, rank=1, interval_s=60.0)  # far longer than the "run"
+    stop_monitor(monitor)
+    got = client(uri).get_run(run.run_id)
+    assert "system/rank1/cpu_utilization_percentage" in got.data.metrics, sorted(got.data.metrics)
+    assert got.data.tags["node.rank1"].startswith(socket.gethostname()) and "node_hostname" not in got.data.tags
+    assert start_monitor(uri, None) is None and start_monitor(None, run.run_id) is None
