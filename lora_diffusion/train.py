@@ -577,7 +577,9 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> bool:
     if address:
         ray.init(address=address)
         return True
-    kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": dashboard, "_node_ip_address": LOOPBACK}
+    kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": dashboard, "_node_ip_address": LOOPBACK,
+                              "runtime_env": QUIET_EXIT_RUNTIME_ENV}
+    quiet_ray_sigterm_exit()
     if dashboard:
         port = free_port()
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
@@ -619,6 +621,33 @@ def loopback_only():
 
 
 LOOPBACK = "127.0.0.1"  # the node address of a local cluster we start (see loopback_only)
+# every worker of a local cluster we start runs this first (see quiet_ray_sigterm_exit)
+QUIET_EXIT_RUNTIME_ENV = {"worker_process_setup_hook": "lora_diffusion.train.quiet_ray_sigterm_exit"}
+
+
+def quiet_ray_sigterm_exit() -> None:
+    """Ray's SIGTERM handlers (driver and workers) raise SystemExit wherever Python happens to be. When that
+    is a weakref or GC callback (WeakSet._remove while a process shuts down), the exception cannot
+    propagate and Python prints it as "Exception ignored in ... Traceback ... SystemExit" at the end of a
+    successful sweep. Such a report, and only one raised by a Ray `sigterm_handler`, is dropped: the process
+    is already on its way out. Installed in the driver and, as a worker setup hook, in every Ray worker."""
+    if getattr(sys.unraisablehook, "quiet_ray_sigterm", False):
+        return
+    default = sys.unraisablehook
+
+    def hook(unraisable):
+        tb = unraisable.exc_traceback
+        from_ray = False
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            from_ray |= code.co_name == "sigterm_handler" and f"{os.sep}ray{os.sep}" in code.co_filename
+            tb = tb.tb_next
+        if isinstance(unraisable.exc_value, SystemExit) and from_ray:
+            return
+        default(unraisable)
+
+    hook.quiet_ray_sigterm = True
+    sys.unraisablehook = hook
 
 
 # --------------------------------------------------------------------------- checks before any cluster time
@@ -652,6 +681,23 @@ def check_run_name(name: str | None) -> None:
                           "'.', '_' or '-', starting with a letter or digit (no '/', no '..')")
 
 
+def check_writable_folder(folder: Path, key: str) -> None:
+    """`folder` is (or can become) a folder this user writes; nothing is created (a probe folder is made and
+    removed in the nearest existing parent)."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{key}: {str(folder)!r} is a file, not a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: {str(folder)!r} cannot be created: {str(existing)!r} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lora_diffusion_probe_", dir=existing))
+    except OSError as e:
+        raise ConfigError(f"{key}: {str(folder)!r} is not writable ({e.strerror} in {str(existing)!r}); "
+                          "choose a folder you can write") from None
+
+
 def preflight(cfg: Config, resume_from: str | None = None) -> None:
     """Raise a clear error (naming the key, the value and what is allowed) for anything that would fail later."""
     from lora_diffusion.data import load_split
@@ -659,6 +705,7 @@ def preflight(cfg: Config, resume_from: str | None = None) -> None:
     tc = cfg.train
     local = not os.environ.get("RAY_ADDRESS")
     check_run_name(cfg.tracking.run_name)
+    check_writable_folder(Path(tc.output_dir), "train.output_dir")
     if tc.precision == "fp16" and tc.gpus_per_worker == 0:
         raise ConfigError("train.precision: got 'fp16'; fp16 with a grad scaler needs a GPU (train.gpus_per_worker > 0); "
                           "use 'bf16' or 'fp32' on CPU")

@@ -560,14 +560,16 @@ def start_ray(num_cpus: int | None, dashboard: bool) -> tuple[bool, str | None]:
     """Connect to $RAY_ADDRESS or start a fresh local cluster; (we connected, dashboard URL)."""
     import ray
 
-    from lora_diffusion.train import LOOPBACK, free_port, loopback_only
+    from lora_diffusion.train import LOOPBACK, QUIET_EXIT_RUNTIME_ENV, free_port, loopback_only, quiet_ray_sigterm_exit
 
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ctx = ray.init(address=address, log_to_driver=True)
         return True, _url(ctx.dashboard_url)
     # a local single-node cluster: every Ray process listens on 127.0.0.1 only (see train.loopback_only)
-    kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": dashboard, "_node_ip_address": LOOPBACK}
+    kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": dashboard, "_node_ip_address": LOOPBACK,
+                              "runtime_env": QUIET_EXIT_RUNTIME_ENV}  # no SystemExit report at shutdown
+    quiet_ray_sigterm_exit()
     port = free_port()
     if dashboard:
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)

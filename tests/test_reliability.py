@@ -399,3 +399,51 @@ def test_a_binary_config_or_space_file_is_named(tmp_path, capsys, no_ray):
     binary.write_bytes(b"\xff\xfe\x00binary")
     expect_refused(capsys, train.main(["--config", str(binary)]), f"config file {str(binary)!r} is not UTF-8 text")
     expect_refused(capsys, tune.main([str(binary), "--dry-run"]), f"space file {str(binary)!r} is not UTF-8 text")
+
+
+def test_a_systemexit_from_rays_sigterm_handler_in_a_gc_callback_is_not_printed():
+    """Item 10's cause: Ray's SIGTERM handler raising SystemExit inside a weakref callback (WeakSet._remove at
+    shutdown) is reported by Python as 'Exception ignored ... Traceback'. The hook drops that one report only."""
+    import weakref
+
+    from lora_diffusion.train import quiet_ray_sigterm_exit
+
+    saved = sys.unraisablehook
+    reported = []
+    sys.unraisablehook = reported.append  # stands for Python's default report (pytest has its own)
+    try:
+        quiet_ray_sigterm_exit()
+        ns: dict = {}
+        exec(compile("def sigterm_handler(signum=15, frame=None):\n    raise SystemExit(signum)\n",
+                     os.sep.join(["", "venv", "ray", "_private", "worker.py"]), "exec"), ns)
+
+        class Obj:
+            pass
+
+        a = Obj()
+        ref_a = weakref.ref(a, lambda _: ns["sigterm_handler"]())  # noqa: F841 - kept until `a` goes
+        del a
+        assert reported == []
+
+        def other(_):
+            raise SystemExit(3)
+
+        b = Obj()
+        ref_b = weakref.ref(b, other)  # noqa: F841
+        del b
+        assert [type(u.exc_value) for u in reported] == [SystemExit]  # any other unraisable is still reported
+        assert reported[0].exc_value.code == 3
+    finally:
+        sys.unraisablehook = saved
+
+
+@pytest.mark.parametrize("out, part", [("/proc/out", "'/proc/out' is not writable"), ("{file}", "is a file, not a folder")])
+def test_train_checks_its_output_folder_before_anything_starts(out, part, data, tmp_path, capsys, no_ray, monkeypatch):
+    from lora_diffusion.train import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f").write_text("x")
+    args = train_args(data, tmp_path, "tracking.enabled=true", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    args = [a for a in args if not a.startswith("train.output_dir=")] + [f"train.output_dir={out.replace('{file}', str(tmp_path / 'f'))}"]
+    expect_refused(capsys, main(args), f"train.output_dir: ", part)
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run, so none left FAILED

