@@ -76,6 +76,10 @@ def test_two_worker_ddp_run_trains_checkpoints_and_tracks(ray_cluster, data_dir,
     for metric in ("loss", "denoise_loss", "reg_rank", "lr", "tokens_per_s", "peak_mem_mb"):
         assert [m.step for m in c.get_metric_history(rid, metric)] == [4, 8], metric
     assert "eval_accuracy" in run.data.metrics
+    # system metrics of both DDP ranks (rank 1 under system/rank1/), each rank's node tagged
+    assert "system/cpu_utilization_percentage" in run.data.metrics, sorted(run.data.metrics)
+    assert "system/rank1/cpu_utilization_percentage" in run.data.metrics
+    assert run.data.tags["node_hostname"] and run.data.tags["ray_node_id"] and run.data.tags["node.rank1"]
 
     ckpt = tmp_path / "out" / "ddp" / "checkpoint_0000008"
     state = json.loads((ckpt / "train_state.json").read_text())
