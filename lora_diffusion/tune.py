@@ -24,6 +24,16 @@ What happens, top to bottom (`main`):
 5. At the end: the best trials table, `best.json`, the best adapter registered in the MLflow
    model registry (`models:/<model_name>/<version>`, lineage = its trial's run).
 
+The sweep workflow around it:
+- The Optuna study lives in `<experiment folder>/optuna_journal.log` (JournalStorage, file backend: safe on
+  NFS/GPFS/Lustre) unless `--optuna-storage URL` names an RDB; `optuna-dashboard <journal>` browses it.
+- `--resume --num-samples N` (N larger than before) extends a finished sweep: the saved search state's trial
+  count is raised (`extend_search`), so the same study and the same MLflow parent run get the new trials.
+- `initial_points:` in the space and `--warm-start SWEEP_OR_BEST_JSON` enqueue configs (OptunaSearch
+  points_to_evaluate), each checked against the space's ranges, conditions and constraints first.
+- Two metrics (`metric: [a, b]`, `mode: [max, min]`) make a multi-objective study: Optuna is told
+  [`objective`, b]; ASHA compares its one scheduler metric; `best.json` holds the Pareto front.
+
 Trial states in MLflow (tag `trial_state`): RUNNING, FINISHED, FAILED (with an `error` tag), PRUNED
 (stopped early by ASHA: its last report came before `train.max_steps`), INTERRUPTED (the driver was
 stopped; a resume continues it), LOST (started after the last saved sweep state of a driver that was
