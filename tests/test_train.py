@@ -158,7 +158,9 @@ def test_loop_owned_mlflow_run_with_eval_and_runs_uri(data_dir, tmp_path, monkey
     t = torch.tensor([0.2, 0.5, 0.9])
     instr = torch.zeros(3, 20, dtype=torch.bool)
     instr[:, 1:6] = True
-    assert torch.equal(from_mlflow(x, t, None, instr), from_disk(x, t, None, instr))
+    target = torch.zeros_like(instr)
+    target[:, 12:] = True
+    assert torch.equal(from_mlflow(x, t, None, instr, target_mask=target), from_disk(x, t, None, instr, target_mask=target))
 
     capsys.readouterr()
     assert evaluate_cmd.main(["--adapter", f"runs:/{r.info.run_id}/adapter", "--data-dir", str(data_dir), "--limit", "4",

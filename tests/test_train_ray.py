@@ -93,7 +93,9 @@ def test_two_worker_ddp_run_trains_checkpoints_and_tracks(ray_cluster, data_dir,
     x = torch.randint(5, len(tok), (2, 16), generator=torch.Generator().manual_seed(1))
     t, instr = torch.tensor([0.3, 0.8]), torch.zeros(2, 16, dtype=torch.bool)
     instr[:, 1:4] = True
-    assert torch.equal(from_mlflow(x, t, None, instr), from_disk(x, t, None, instr))
+    target = torch.zeros_like(instr)
+    target[:, 10:] = True
+    assert torch.equal(from_mlflow(x, t, None, instr, target_mask=target), from_disk(x, t, None, instr, target_mask=target))
     # it trained: the up-projections started at zero
     assert any(float(v.abs().sum()) > 0 for k, v in from_disk.adapter_state_dict().items() if k.endswith("up.weight"))
 

@@ -257,7 +257,9 @@ def test_sweep_killed_and_resumed(tmp_path):
     reg_state, local_state = registered.adapter_state_dict(), local.adapter_state_dict()
     assert reg_state.keys() == local_state.keys() and all(torch.equal(reg_state[k], local_state[k]) for k in reg_state)
     with torch.no_grad():
-        assert torch.equal(registered(x, t, mask, instr), local(x, t, mask, instr))
+        target = torch.zeros_like(instr)
+        target[:, 10:] = True
+        assert torch.equal(registered(x, t, mask, instr, target_mask=target), local(x, t, mask, instr, target_mask=target))
 
 
 @pytest.mark.timeout(600)
