@@ -698,7 +698,7 @@ def check_writable_folder(folder: Path, key: str) -> None:
                           "choose a folder you can write") from None
 
 
-def preflight(cfg: Config, resume_from: str | None = None) -> None:
+def preflight(cfg: Config, resume_from: str | None = None, check_resources: bool = True) -> None:
     """Raise a clear error (naming the key, the value and what is allowed) for anything that would fail later."""
     from lora_diffusion.data import load_split
 
@@ -709,7 +709,7 @@ def preflight(cfg: Config, resume_from: str | None = None) -> None:
     if tc.precision == "fp16" and tc.gpus_per_worker == 0:
         raise ConfigError("train.precision: got 'fp16'; fp16 with a grad scaler needs a GPU (train.gpus_per_worker > 0); "
                           "use 'bf16' or 'fp32' on CPU")
-    if local:
+    if local and check_resources:
         cpus = os.cpu_count() or 1
         if tc.num_workers * tc.cpus_per_worker > cpus:
             raise ConfigError(

@@ -669,21 +669,22 @@ def check_cluster(uri: str, storage: Path, space: Space) -> list[str]:
     return warnings
 
 
-def preflight(space: Space, uri: str) -> None:
-    """Everything that would fail later, checked now: tracking store, data, base model(s), resources."""
+def preflight(space: Space, uri: str, check_resources: bool = True) -> None:
+    """Everything that would fail later, checked now: tracking store, data, base model(s), resources (this
+    machine's, for a local cluster; --dry-run skips those: a plan may be meant for a cluster)."""
     from lora_diffusion import train
     from lora_diffusion.tracking import check_tracking_uri
 
     if not space.base.tracking.enabled:
         raise SweepError("tracking.enabled: got False; the tuning service records every trial in MLflow "
                          "(set --tracking-uri to choose the store)")
-    train.preflight(space.base)
+    train.preflight(space.base, check_resources=check_resources)
     check_tracking_uri(uri)
     for p in space.params:
         if p.key == "model.base":
             for choice in p.choices:
                 train._check_base(choice)
-    if os.environ.get("RAY_ADDRESS") is None:
+    if check_resources and os.environ.get("RAY_ADDRESS") is None:
         need = space.resources_per_trial()["total"]
         ncpu = os.cpu_count() or 1
         if need["CPU"] > ncpu:
@@ -1156,7 +1157,7 @@ def dry_run(space: Space, exp_dir: Path, uri: str, n: int) -> int:
     print(f"MLflow: experiment {space.name!r} at {redact_uri(uri)}; best adapter registered as {space.model_name!r}")
     print(f"trials: {space.spec.num_samples}")
     print(f"checked as a real run checks before it starts Ray: data files, base model(s), MLflow store "
-          f"{redact_uri(uri)}, storage path {exp_dir.parent}, resources")
+          f"{redact_uri(uri)}, storage path {exp_dir.parent} (resources: against the cluster when the sweep starts)")
     print("dry run: nothing started")
     return 0
 
@@ -1183,7 +1184,7 @@ def main(argv: list[str] | None = None) -> int:
             space.add_points(points, f"--warm-start {found}")
             print(f"[tune] warm start: the best {len(points)} config(s) of {found} are tried first", flush=True)
         if args.dry_run:  # the same checks a real run makes before Ray starts; a failure exits 2 as there
-            preflight(space, uri)
+            preflight(space, uri, check_resources=False)
             return dry_run(space, exp_dir, uri, args.samples)
         if args.optuna_storage:
             check_optuna_storage(args.optuna_storage)

@@ -76,8 +76,8 @@ resources: {cpus_per_worker: 1}
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
 def test_dry_run_passes_on_every_shipped_space(path, tmp_path, capsys, no_ray, monkeypatch, shared_data):
-    monkeypatch.chdir(tmp_path)  # --dry-run checks the data like a real run: the real files
-    rc = tune.main([str(path), "--dry-run", "--samples", "3", "--data-dir", str(shared_data)])
+    monkeypatch.chdir(tmp_path)  # --dry-run checks data and base like a real run: the real files; the Hub is offline
+    rc = tune.main([str(path), "--dry-run", "--samples", "3", "--data-dir", str(shared_data), "model.base=minilm"])
     out = capsys.readouterr().out
     assert rc == 0, out
     s = load_space(path)
@@ -94,10 +94,10 @@ def test_dry_run_command_line(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     out = subprocess.run([sys.executable, "-m", "lora_diffusion.tune", str(REPO / "tune_spaces" / "quick.yaml"),
-                          "--dry-run", "--data-dir", str(data), "train.max_steps=60", "--num-samples", "5"],
+                          "--dry-run", "--data-dir", str(data), "train.max_steps=750", "--num-samples", "5"],
                          cwd=work, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
-    assert f"data={data}" in out.stdout and "max_steps=60" in out.stdout and "trials: 5" in out.stdout
+    assert f"data={data}" in out.stdout and "max_steps=750" in out.stdout and "trials: 5" in out.stdout
     assert "rank_early >= rank_mid >= rank_late" in out.stdout and "ASHA on min val_loss" in out.stdout
     assert "checked as a real run checks before it starts Ray: data files, base model(s), MLflow store" in out.stdout
     assert list(work.iterdir()) == []
