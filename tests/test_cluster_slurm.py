@@ -9,6 +9,8 @@ this machine, started by cluster/local/slurm_up.sh. Every job is submitted throu
    makes the driver save, the job requeues itself, the requeued run resumes the same sweep and
    finishes it without re-running finished trials; the job ends COMPLETED and every trial has one
    MLflow run.
+3. Node loss: every Ray process of the worker node killed while the driver runs; the job starts that
+   node's Ray again and the driver sees the node come back.
 """
 
 from __future__ import annotations
@@ -362,3 +364,79 @@ def parse_runtime(value: str) -> int:
     days, _, hms = value.rpartition("-")
     h, m, s = (int(x) for x in hms.split(":"))
     return int(days or 0) * 86400 + h * 3600 + m * 60 + s
+
+
+# --------------------------------------------------------------------------- 3. node loss
+
+def kill_worker_node_ray(job: str) -> list[str]:
+    """SIGKILL every Ray process of the job's worker node (node mode tags them <job>.<run>.<pid>.node<N>),
+    all at once; the node's supervising shell and srun are left (the node itself stays allocated)."""
+    victims = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+            comm = (d / "comm").read_text().strip()
+        except OSError:
+            continue
+        tag = next((e.decode() for e in env if e.startswith(b"RAY_SLURM_TAG=")), "")
+        if tag.startswith(f"RAY_SLURM_TAG={job}.") and ".node" in tag and comm not in ("bash", "srun", "sleep"):
+            victims.append((int(d.name), comm))
+    for pid, _ in victims:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    return [f"{pid} {comm}" for pid, comm in victims]
+
+
+NODE_WATCH_DRIVER = """\
+import time
+import ray
+ray.init()
+first, last, t0 = None, None, time.time()
+while time.time() - t0 < 600:
+    alive = frozenset(x["NodeID"] for x in ray.nodes() if x["Alive"])
+    if alive != last:
+        print(f"DRIVER alive nodes: {len(alive)}", flush=True)
+        last = alive
+    if first is None and len(alive) == 2:
+        first = alive
+    if first is not None and len(alive) == 2 and alive != first:  # the lost node's Ray replaced by a new one
+        print("DRIVER the lost node is back", flush=True)
+        break
+    time.sleep(1)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_worker_node_loss_is_restarted(local_slurm, tmp_path):
+    """Kill every Ray process of the worker node while the driver runs: ray_slurm.sh starts that node's Ray
+    again (the driver sees 2 alive nodes again, one of them new), the job ends COMPLETED, nothing is left."""
+    drv = tmp_path / "driver.py"
+    drv.write_text(NODE_WATCH_DRIVER)
+    since = epilog_offset()
+    job, out, _ = submit(tmp_path / "runs", "--time", "15", "--no-mlflow-ui", "--command", f"python {drv}")
+    try:
+        wait_for("the driver to see 2 nodes", lambda: "DRIVER alive nodes: 2" in text(out), 420, every=1,
+                 on_timeout=lambda: text(out)[-4000:])
+        killed = kill_worker_node_ray(job)
+        t_kill = time.time()
+        assert any(k.endswith(" raylet") for k in killed), killed
+        wait_for("the lost node to come back", lambda: "DRIVER the lost node is back" in text(out), 300, every=1,
+                 on_timeout=lambda: text(out)[-4000:])
+        print(f"\nkilled {len(killed)} Ray processes of node n2; the driver saw it back {time.time() - t_kill:.0f} s later")
+        wait_for("the job to end", lambda: job_fields(job).get("JobState") in ("COMPLETED", "FAILED"), 180, every=2,
+                 on_timeout=lambda: text(out)[-4000:])
+    finally:
+        if job_fields(job).get("JobState") in ("RUNNING", "PENDING", "CONFIGURING"):
+            subprocess.run([sys.executable, "-m", "lora_diffusion.cluster", "cancel", job], capture_output=True, timeout=60)
+    log = text(out)
+    assert job_fields(job)["JobState"] == "COMPLETED", log[-4000:]
+    assert re.search(r"worker on n2: its Ray stopped \(srun pid \d+ ended\); restarting it \(1 of 3", log), log[-4000:]
+    assert "driver exited with 0" in log
+    wait_for("every process of the job to end", lambda: not job_pids(job), 30, every=0.5,
+             on_timeout=lambda: "\n".join(job_pids(job)))
+    assert epilog_kills(job, since) == []
