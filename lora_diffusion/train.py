@@ -382,9 +382,12 @@ def train_loop(loop_config: dict[str, Any], reporter) -> dict[str, Any]:
                            "peak_mem_mb": peak_memory_mb(device), "step": position["step"], "epoch": position["epoch"]},
                           final=True)
     except BaseException as e:
+        from lora_diffusion.faults import TRACKING, fault_of
         from lora_diffusion.system_metrics import stop_monitor
 
-        stop_monitor(monitor)
+        fault = fault_of(e)
+        if fault is None or fault.kind != TRACKING:  # a flush to a store that is gone would wait out the retries again
+            stop_monitor(monitor)
         if tracker is not None and tracker.owned:  # a run given by id is ended (and tagged) by its creator
             from lora_diffusion.tracking import error_text
 
