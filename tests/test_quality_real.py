@@ -3,7 +3,9 @@
 Real data only (LORA_DIFFUSION_TEST_DATA, skipped without it), the offline MiniLM base, the project's
 training loop and evaluation. The figures themselves (accuracy at the benchmark's budget) live in
 `python -m lora_diffusion.bench quality`; this only checks that the method learns at all, by a margin
-no constant answer can reach.
+no constant answer can reach. Measured learning curve of this run (256 validation sentences): one
+constant answer (0.508) at 100 and 200 steps, then 0.738 at 300, 0.727 at 400, 0.766 at 500; so the
+test trains 400 steps, clear of the jump.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def test_short_lora_diffusion_run_beats_the_majority_label_on_real_sst2(shared_d
         "model.base=minilm", "model.max_length=64", "task.name=sst2", f"task.data_dir={shared_data}",
         f"task.cache_dir={tmp_path / 'cache'}", "task.subset_size=2048", "task.eval_subset_size=256",
         "method.name=lora_diffusion", "diffusion.loss_weighting=none", "train.lr=5e-3", "train.batch_size=16",
-        "train.max_steps=200", "train.warmup_steps=20", "train.report_every=200", "train.eval_at_end=false",
+        "train.max_steps=400", "train.warmup_steps=20", "train.report_every=400", "train.eval_at_end=false",
         "train.torch_threads=2", f"train.output_dir={tmp_path / 'out'}", "sampling.steps=2", "tracking.enabled=false",
     ])
     reporter = LocalReporter(tmp_path / "checkpoints")
