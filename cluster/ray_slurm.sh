@@ -277,6 +277,9 @@ chmod 600 "$TOKEN_FILE"
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN_FILE
 unset RAY_AUTH_TOKEN
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_USAGE_STATS_ENABLED=0
+# Ray gives its dashboard 60 s to start and then fails the whole head; on a busy node (seen on the
+# 2-core test machine under load) that is too short.
+export RAY_DASHBOARD_STARTUP_TIMEOUT_S=${RAY_DASHBOARD_STARTUP_TIMEOUT_S:-180}
 export RAY_SLURM_HEAD_ADDR=$HEAD_IP:$GCS_PORT
 unset RAY_ADDRESS   # `ray start --head` must not try to join another cluster
 
