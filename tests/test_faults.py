@@ -290,12 +290,14 @@ def test_mlflow_server_killed_mid_sweep(tmp_path):
             # -- outage 1, shorter than the retries: the sweep waits and goes on -----------------------------
             first = wait_for(lambda: [t for t, (s, n) in progress(server.db).items() if s == "RUNNING" and n >= 1],
                              proc, log1, "a trial running with a logged loss")[0]
-            n_before = progress(server.db)[first][1]
+            logged_before = sum(n for _, n in progress(server.db).values())
             server.kill()
             t_kill = time.time()
             up = server.start()
             print(f"outage 1: server down {time.time() - t_kill:.1f} s (restart took {up:.1f} s)")
-            wait_for(lambda: progress(server.db).get(first, ("", 0))[1] > n_before, proc, log1,
+            # the sweep logs again (the killed trial may have been at its last step, past its last loss)
+            wait_for(lambda: sum(n for _, n in progress(server.db).values()) > logged_before
+                     or progress(server.db).get(first, ("", 0))[0] == "FINISHED", proc, log1,
                      "the trial logging again after the restart")
             # -- outage 2, longer than the retries: the sweep stops, resumably -------------------------------
             second = wait_for(lambda: [t for t, (s, n) in progress(server.db).items()
