@@ -64,7 +64,7 @@ def load_model(cfg, adapter_paths: list[str], device: str | None):
     from lora_diffusion.methods.core import Adaptation
     from lora_diffusion.model import load_base
 
-    denoiser, tokenizer = load_base(cfg.model, seed=cfg.train.seed)
+    denoiser, tokenizer = load_base(cfg.model)  # the fixed base every adapter is trained on
     if not adapter_paths:
         model = Adaptation(denoiser)
     else:

@@ -199,7 +199,9 @@ def check_no_pickle(path: str, shown: str) -> None:
 
 def load_base(cfg: ModelConfig, seed: int = 0):
     """(Denoiser, tokenizer) for `cfg.base`. Newly initialised weights (an untrained MLM head, the
-    timestep MLP) are drawn under `seed`, so every DDP rank builds the same frozen base."""
+    timestep MLP) are drawn under `seed`, so every DDP rank builds the same frozen base. Training,
+    evaluation and `adapter.load_adapter` all use the default seed: a saved adapter only fits the base
+    it was trained on, so the base must not change with `train.seed`."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -251,8 +251,11 @@ def train_loop(loop_config: dict[str, Any], reporter) -> dict[str, Any]:
     labels = {"trial": trial_name, "task": cfg.task.name, "method": cfg.method.name}
 
     # -- base + method (the same initial weights on every rank; DDP also broadcasts rank 0's) ---
+    # The frozen base is the same for every seed (its newly initialised parts, e.g. MiniLM's MLM head
+    # and the timestep MLP, are drawn under load_base's fixed seed), so an adapter reloads onto exactly
+    # the base it was trained on (adapter.load_adapter); train.seed varies the method and the data order.
     torch.manual_seed(tc.seed)
-    denoiser, tokenizer = load_base(cfg.model, seed=tc.seed)
+    denoiser, tokenizer = load_base(cfg.model)
     adaptation = build_method(cfg.method, denoiser).to(device)
     adaptation.train()
     counts = adaptation.param_counts()
