@@ -12,6 +12,7 @@ is allowed:
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key, the value and what is allowed."""
+
+
+def check_writable_folder(folder: Path, key: str) -> None:
+    """`folder` is (or can become) a folder this user writes; nothing is created (a probe folder is made and
+    removed in the nearest existing parent)."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{key}: {str(folder)!r} is a file, not a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: {str(folder)!r} cannot be created: {str(existing)!r} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lora_diffusion_probe_", dir=existing))
+    except OSError as e:
+        raise ConfigError(f"{key}: {str(folder)!r} is not writable ({e.strerror} in {str(existing)!r}); "
+                          "choose a folder you can write") from None
 
 
 class _Section(BaseModel):

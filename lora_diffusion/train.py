@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from lora_diffusion.checkpoint import load_checkpoint, read_train_state, save_checkpoint
-from lora_diffusion.config import Config, ConfigError, config_from_dict, load_config
+from lora_diffusion.config import Config, ConfigError, check_writable_folder, config_from_dict, load_config
 from lora_diffusion.diffusion import diffusion_step_loss
 
 PHASE_METRICS = ("ce_early", "ce_mid", "ce_late")
@@ -685,23 +685,6 @@ def check_run_name(name: str | None) -> None:
     if name is not None and not RUN_NAME_RE.match(name):
         raise ConfigError(f"tracking.run_name: got {name!r}; it names a folder, so it must be 1-128 letters, digits, "
                           "'.', '_' or '-', starting with a letter or digit (no '/', no '..')")
-
-
-def check_writable_folder(folder: Path, key: str) -> None:
-    """`folder` is (or can become) a folder this user writes; nothing is created (a probe folder is made and
-    removed in the nearest existing parent)."""
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{key}: {str(folder)!r} is a file, not a folder")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"{key}: {str(folder)!r} cannot be created: {str(existing)!r} is a file")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".lora_diffusion_probe_", dir=existing))
-    except OSError as e:
-        raise ConfigError(f"{key}: {str(folder)!r} is not writable ({e.strerror} in {str(existing)!r}); "
-                          "choose a folder you can write") from None
 
 
 def preflight(cfg: Config, resume_from: str | None = None, check_resources: bool = True) -> None:

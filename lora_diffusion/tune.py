@@ -1099,21 +1099,12 @@ def parse_args(argv: list[str] | None):
 def check_storage_path(storage: Path) -> None:
     """--storage-path is a folder this user can write (or can create), checked before Ray starts; nothing is
     created here (a probe folder is made and removed in the nearest existing parent)."""
-    import tempfile
+    from lora_diffusion.config import ConfigError, check_writable_folder
 
-    if storage.exists() and not storage.is_dir():
-        raise SweepError(f"--storage-path: {str(storage)!r} is a file, not a folder; give the folder Tune keeps "
-                         f"sweeps in (default ./{DEFAULT_STORAGE})")
-    existing = storage
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise SweepError(f"--storage-path: {str(storage)!r} cannot be created: {str(existing)!r} is a file")
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".lora_diffusion_probe_", dir=existing))
-    except OSError as e:
-        raise SweepError(f"--storage-path: {str(storage)!r} is not writable ({e.strerror} in {str(existing)!r}); "
-                         "choose a folder you can write") from None
+        check_writable_folder(storage, "--storage-path")
+    except ConfigError as e:
+        raise SweepError(f"{e} (the folder Tune keeps sweeps in; default ./{DEFAULT_STORAGE})") from None
 
 
 def check_restore_ownership(storage: Path, exp_dir: Path) -> None:
