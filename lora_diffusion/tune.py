@@ -397,7 +397,8 @@ def _make_callback(sweep: dict[str, Any]):
                 tracker.set_tags({STATE_TAG: state})
                 if state == PRUNED:
                     step = (trial.last_result or {}).get("step")
-                    tracker.set_tags({"pruned_at_step": step})
+                    # a restored trial's last result comes back from Tune's JSON state with floats (20.0)
+                    tracker.set_tags({"pruned_at_step": int(step) if isinstance(step, (int, float)) else step})
                     _log_pruned_adapter(tracker, trial)
                 status = {FINISHED: "FINISHED", FAILED: "FAILED", PRUNED: "KILLED"}[state]
                 tracker.client.set_terminated(tracker.run_id, status=status)
