@@ -47,7 +47,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lora_diffusion.config import METHOD_NAMES, Config, ConfigError, config_from_dict, load_config, parse_override, set_dotted
+from lora_diffusion.config import Config, ConfigError, check_method_name, config_from_dict, load_config, parse_override, set_dotted
 
 BASELINE = "lora_diffusion"
 DEFAULT_SEEDS = 3
@@ -81,9 +81,7 @@ class MethodEntry(_Spec):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in METHOD_NAMES:
-            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(METHOD_NAMES)}")
-        return v
+        return check_method_name(v)
 
 
 class StudyFile(_Spec):

@@ -134,6 +134,13 @@ class BitFitConfig(_Section):
 METHOD_NAMES = ("lora_diffusion", "weight_lora", "adapters", "prefix_tuning", "bitfit", "full_ft")
 
 
+def check_method_name(v: str) -> str:
+    """`v` when it names a method, else the error every config and study file gives."""
+    if v not in METHOD_NAMES:
+        raise ValueError(f"unknown method {v!r}; allowed: {', '.join(METHOD_NAMES)}")
+    return v
+
+
 class MethodConfig(_Section):
     name: str = "lora_diffusion"
     lora_diffusion: LoRADiffusionConfig = Field(default_factory=LoRADiffusionConfig)
@@ -146,9 +153,7 @@ class MethodConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in METHOD_NAMES:
-            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(METHOD_NAMES)}")
-        return v
+        return check_method_name(v)
 
     def settings(self) -> _Section:
         """The settings block of the selected method."""
