@@ -73,6 +73,7 @@ OBJECTIVE = "objective"
 STATE_TAG = "trial_state"
 FINISHED, FAILED, PRUNED, RUNNING = "FINISHED", "FAILED", "PRUNED", "RUNNING"
 SWEEP_FILE = "sweep.json"  # in the experiment folder: what the sweep was started with (checked on restore)
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node (a TorchTrainer trial asks 0.001)
 # The Optuna study: a journal file in the experiment folder (appends under a symlink lock: works on NFS, GPFS
 # and Lustre, where SQLite's locking does not), or the RDB URL given with --optuna-storage.
 JOURNAL_FILE = "optuna_journal.log"
@@ -1240,6 +1241,12 @@ def main(argv: list[str] | None = None) -> int:
         # -- 3. the Tuner (new or restored) ------------------------------------------------------------
         res = space.resources_per_trial()["trial"]
         resources = {k.lower(): v for k, v in res.items() if v or k == "CPU"}
+        if space.trial_runner != "in_process":
+            # The trial process only waits on its TorchTrainer, and Ray Train puts the trainer's controller on
+            # the same node: keep both on the head (as Ray Train does with its state actor). A lost worker node
+            # then costs the trial its Ray Train workers, which restart from the last checkpoint
+            # (train.max_failures), not the trial itself (Tune would record it FAILED; cluster/README.md).
+            resources[HEAD_NODE_RESOURCE] = 0.001
         trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), resources)
         can_restore = restoring and tune.Tuner.can_restore(str(exp_dir))
         if can_restore and extend_from is not None:
@@ -1272,8 +1279,10 @@ def main(argv: list[str] | None = None) -> int:
                     failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
             )
-        tuner.fit()
+        fitted = tuner.fit()
         wall = time.time() - started
+        for t in save_tune_decisions(exp_dir, fitted._experiment_analysis.trials):
+            print(f"[tune] trial {t}: Tune's saved state corrected (its process was lost with its node)", flush=True)
         if faults.items:  # stopped for a fault of the environment: say which, touch nothing more
             faults.close()
             return fault_exit(faults.items, uri, space, exp_dir, storage)
@@ -1396,6 +1405,37 @@ def record_missed_ends(sweep: dict[str, Any], exp_dir: Path) -> None:
         if run is None or run.data.tags.get(STATE_TAG) != state:
             print(f"[tune] recording in MLflow that trial {t} ended {state} (the store was not reachable then)", flush=True)
             states._finish(t, state, _error_line(t) if state == FAILED else None)
+
+
+def save_tune_decisions(exp_dir: Path, trials) -> list[str]:
+    """Write Tune's in-memory state of the `trials` (from `tuner.fit()`) that Tune ended ERROR into the saved
+    experiment state where that says otherwise; returns the names of the trials corrected.
+
+    Ray Tune 2.60 saves a trial whose own process was lost with its node (ActorUnavailableError) as RUNNING
+    although it recorded the trial ERROR (console, error.txt): its actor is already forgotten, so
+    `TuneController._schedule_trial_stop` returns before it marks the trial's saved state for refreshing.
+    The summary, `--resume` and `compare` read the saved state: they must see what Tune decided. Only ERROR
+    is final in memory (a sweep stopped by a signal or a fault leaves unfinished trials to be resumed).
+    """
+    files = sorted(exp_dir.glob("experiment_state-*.json"))  # Tune reads the newest by name, as here
+    if not files:
+        return []
+    path = files[-1]
+    state = json.loads(path.read_text())
+    ended = {t.trial_id: t for t in trials if t.status == "ERROR"}
+    fixed = []
+    for i, entry in enumerate(state.get("trial_data", [])):
+        saved = json.loads(entry[0])
+        t = ended.get(saved.get("trial_id"))
+        if t is not None and saved.get("status") != t.status:
+            t.invalidate_json_state()
+            state["trial_data"][i] = list(t.get_json_state())
+            fixed.append(f"{t} ({saved.get('status')} -> {t.status})")
+    if fixed:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path)
+    return fixed
 
 
 def _states(exp_dir: Path) -> dict[str, int]:
