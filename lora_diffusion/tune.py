@@ -357,6 +357,10 @@ def _trial_max_steps(base: dict[str, Any], config: dict[str, Any]) -> int:
 def _error_line(trial) -> str:
     try:
         err = trial.get_error()
+        if err is None and trial.error_file and Path(trial.error_file).is_file():
+            # get_error() reads the copy in the storage path, which Tune writes only later (the sweep's end);
+            # in on_trial_error the error is in the driver's staging folder (a trial lost with its node)
+            err = Path(trial.error_file).read_text(errors="replace")
     except Exception:  # noqa: BLE001 - the error file may be gone; say so
         err = None
     if err is None:

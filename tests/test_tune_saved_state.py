@@ -2,7 +2,8 @@
 RUNNING although it recorded the trial ERROR (seen on the local 2-node SLURM: console "1 ERROR", error.txt
 written, experiment_state-*.json "status": "RUNNING"; the sweep then called it unfinished and exited 130).
 The driver writes Tune's final in-memory state into the saved experiment state. Real Ray Trial objects
-(no cluster); the file is Tune's format (trial_data: [trial JSON, runtime metadata JSON] per trial)."""
+(no cluster); the file is Tune's format (trial_data: [trial JSON, runtime metadata JSON] per trial).
+And the MLflow error tag of such a trial: Ray's error text, not "no error recorded by Ray"."""
 
 from __future__ import annotations
 
@@ -43,3 +44,21 @@ def test_a_trial_saved_running_but_ended_by_tune_is_saved_as_tune_ended_it(tmp_p
 
 def test_no_saved_state_is_no_change(tmp_path):
     assert save_tune_decisions(tmp_path, [trial(tmp_path, "a", Trial.ERROR)]) == []
+
+
+class CrashedTrial:  # what _error_line reads of a Ray Trial in on_trial_error, before Tune synced its error file
+    def __init__(self, error_file):
+        self.error_file = error_file
+
+    def get_error(self):
+        return None  # Trial.get_error reads the storage path's copy: not written yet
+
+
+def test_the_error_of_a_trial_lost_with_its_node_is_read_from_the_drivers_error_file(tmp_path):
+    from lora_diffusion.tune import _error_line
+
+    f = tmp_path / "error.txt"
+    f.write_text("Failure # 1 (occurred at 2026-12-01_16-34-42)\nThe actor 5eb2 is unavailable: The actor is temporarily "
+                 "unavailable: RpcError: RPC error: Socket closed rpc_code: 14.\n")
+    assert _error_line(CrashedTrial(str(f))).startswith("The actor 5eb2 is unavailable: ")
+    assert _error_line(CrashedTrial(None)) == "trial failed (no error recorded by Ray)"
