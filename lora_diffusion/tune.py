@@ -1285,11 +1285,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         fitted = tuner.fit()
         wall = time.time() - started
-        for t in save_tune_decisions(exp_dir, fitted._experiment_analysis.trials):
-            print(f"[tune] trial {t}: Tune's saved state corrected (its process was lost with its node)", flush=True)
         if faults.items:  # stopped for a fault of the environment: say which, touch nothing more
             faults.close()
             return fault_exit(faults.items, uri, space, exp_dir, storage)
+        for t in save_tune_decisions(exp_dir, fitted._experiment_analysis.trials):
+            print(f"[tune] trial {t}: Tune's saved state corrected (its process was lost with its node)", flush=True)
 
         # -- 4. results --------------------------------------------------------------------------------
         rows_state = _states(exp_dir)
