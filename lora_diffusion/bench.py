@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from lora_diffusion.tracking import git_commit
+
 SUITES = ("step", "sample", "ray", "asha", "quality")
 SIZES = ("smoke", "quick", "full")
 
@@ -45,15 +47,6 @@ class BenchError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- machine and environment
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parents[1])
-        return out.stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001 - no git, not a checkout
-        return "unknown"
 
 
 def machine_info(device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
@@ -70,7 +63,7 @@ def machine_info(device: str = "cpu", threads: int | None = None) -> dict[str, A
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
-        "git_commit": git_commit(),
+        "git_commit": git_commit(short=True) or "unknown",
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else 0.0,
     }
     if device.startswith("cuda") and torch.cuda.is_available():

@@ -97,9 +97,9 @@ def _floor_step(denoiser, batch, dcfg, mask_id, gen, amp, device):
     """The floor: noise the batch and run the frozen base's forward without an autograd graph."""
     import torch
 
-    from lora_diffusion.diffusion import Schedule, forward_process, sample_t
+    from lora_diffusion.diffusion import forward_process, get_schedule, sample_t
 
-    schedule = Schedule(dcfg.schedule)
+    schedule = get_schedule(dcfg.schedule)
 
     def step():
         with torch.no_grad(), amp:

@@ -1,4 +1,4 @@
-"""Collator: tokenised examples -> the batch contract (see COMMON.md / README).
+"""Collator: tokenised examples -> the batch contract (README.md, "Diffusion, tasks, data and metrics": Tasks).
 
     [CLS] instruction [SEP] input [SEP] target-span [PAD]...        (right-padded to the longest row)
                                         |<- budget ->|

@@ -47,7 +47,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lora_diffusion.config import Config, ConfigError, check_method_name, config_from_dict, load_config, parse_override, set_dotted
+from lora_diffusion.config import (Config, ConfigError, check_method_name, config_from_dict, format_validation_error, load_config,
+                                   parse_override, set_dotted)
 
 BASELINE = "lora_diffusion"
 DEFAULT_SEEDS = 3
@@ -93,18 +94,6 @@ class StudyFile(_Spec):
     base_config: str | None = None  # a run config YAML every entry starts from (relative to this file)
     overrides: dict[str, Any] = Field(default_factory=dict)  # over the base, for every entry
     methods: list[MethodEntry] = Field(min_length=1)
-
-
-def _spec_error(where: str, err: ValidationError) -> StudyError:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        got = f"got {e['input']!r}; " if "input" in e and e["type"] not in ("extra_forbidden", "missing") else ""
-        lines.append(f"{where}: {key}: {got}{msg}")
-    return StudyError("\n".join(lines))
 
 
 # --------------------------------------------------------------------------- candidates
@@ -257,7 +246,7 @@ def candidates_from_file(path: str, data_dir: str | None) -> tuple[list[Candidat
     try:
         spec = StudyFile.model_validate(raw)
     except ValidationError as e:
-        raise _spec_error(str(path), e) from None
+        raise StudyError(format_validation_error(e, StudyFile, where=str(path))) from None
 
     def load(rel: str | None, what: str) -> dict[str, Any]:
         if rel is None:
@@ -557,9 +546,9 @@ def run_study(study: Study, storage: Path, uri: str, num_cpus: int | None, dashb
                 trainable, param_space={k: None for k in points[0]},  # the points fill every key
                 tune_config=tune.TuneConfig(
                     search_alg=BasicVariantGenerator(points_to_evaluate=points), num_samples=len(points),
-                    max_concurrent_trials=max_concurrent, trial_name_creator=sweeps._trial_name,
-                    trial_dirname_creator=sweeps._trial_dirname, reuse_actors=sweep["trial_runner"] == "in_process"),
-                run_config=tune.RunConfig(name=study.name, storage_path=str(storage), callbacks=[sweeps._make_callback(sweep)],
+                    max_concurrent_trials=max_concurrent, trial_name_creator=sweeps.trial_name,
+                    trial_dirname_creator=sweeps.trial_name, reuse_actors=sweep["trial_runner"] == "in_process"),
+                run_config=tune.RunConfig(name=study.name, storage_path=str(storage), callbacks=[sweeps.trial_states_callback(sweep)],
                                           failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
         tuner.fit()
@@ -718,9 +707,9 @@ def check_restorable(study: Study, exp_dir: Path) -> None:
     old = json.loads(f.read_text())
     new = json.loads(json.dumps(study.fingerprint()))
     if old != new:
-        from lora_diffusion.tune import _diff
+        from lora_diffusion.tune import nested_diff
 
-        diffs = _diff(old, new)
+        diffs = nested_diff(old, new)
         raise StudyError(f"{exp_dir} holds study {study.name!r} started with other settings ({'; '.join(diffs[:4])}"
                          f"{' ...' if len(diffs) > 4 else ''}); rerun it with the same inputs, or choose another --name")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -68,6 +68,12 @@ class DiffusionConfig(_Section):
     T: int = Field(100, ge=1, description="number of discrete timesteps")
     loss_weighting: Literal["elbo", "none"] = "elbo"
     eps: float = Field(1e-3, gt=0, lt=0.5, description="smallest t for continuous time")
+
+
+# The diffusion phases, noisiest first: LoRA-Diffusion's b1 < b2 cut t into them (diffusion.phase_of), and every
+# method's training step reports its masked cross-entropy per phase as the metrics PHASE_METRICS.
+PHASES = ("early", "mid", "late")
+PHASE_METRICS = tuple(f"ce_{phase}" for phase in PHASES)
 
 
 # --------------------------------------------------------------------------- methods
@@ -336,25 +342,37 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _format_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError, model: type[BaseModel] | None = None, where: str | None = None) -> str:
+    """One line per pydantic error: `[where: ]dotted.key: got VALUE; what is wrong`.
+
+    The value is shown for type and range errors (not for a validator's own message, which words it itself, nor
+    for a missing key); an unknown key lists the keys allowed beside it in `model` (default: `Config`). Used
+    for run configs and for every other validated input file (e.g. a study file), so all read alike.
+    """
+    model = Config if model is None else model
+    prefix = f"{where}: " if where else ""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-            allowed = _allowed_keys(e["loc"][:-1])
+            allowed = _allowed_keys(model, e["loc"][:-1])
             if allowed:
                 msg += f"; allowed here: {', '.join(allowed)}"
-            lines.append(f"{key}: {msg}")
-            continue
-        lines.append(f"{key}: got {e.get('input')!r}; {msg}" if "input" in e and e["type"] != "value_error" else f"{key}: {msg}")
+        elif "input" in e and e["type"] not in ("value_error", "missing"):
+            msg = f"got {e['input']!r}; {msg}"
+        lines.append(f"{prefix}{key}: {msg}")
     return "\n".join(lines)
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
-    model: Any = Config
+def _allowed_keys(model: Any, loc: tuple) -> list[str]:
+    """The fields of the model at `loc` below `model` (a list index steps into the list's item model)."""
     for part in loc:
+        if isinstance(part, int):
+            args = get_args(model)
+            model = args[0] if args else None
+            continue
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if field is None:
             return []
@@ -366,7 +384,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_error(e)) from None
+        raise ConfigError(format_validation_error(e)) from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

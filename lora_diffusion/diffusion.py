@@ -4,6 +4,10 @@ Time is a float t in (0, 1] for every example: discrete time uses t = k / T with
 continuous time draws t ~ U(eps, 1). A position that may be noised (the target span; the
 instruction and input never are) is replaced by [MASK] with probability mask_prob(t).
 
+Schedules are classes (`NoiseSchedule`: the mask probability, the ELBO weight, and the inverse, the
+time at which a given fraction is masked, which sampling.py uses), registered by name in `SCHEDULES`:
+`get_schedule(cfg.diffusion.schedule)`. Linear, cosine and MDLM's log-linear are built in.
+
 Loss (as in LLaDA's SFT / MDLM): cross-entropy on the masked target positions, each weighted
 by the schedule's ELBO weight w(t) = -alpha'(t) / (1 - alpha(t)) (1/t for the linear schedule)
 or unweighted, summed and divided by the number of target tokens in the batch.
@@ -12,37 +16,103 @@ or unweighted, summed and divided by the number of target tokens in the batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from lora_diffusion.config import DiffusionConfig
+from lora_diffusion.config import PHASE_METRICS, PHASES, DiffusionConfig
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """alpha(t) = probability that a maskable token is still clean at time t."""
+class NoiseSchedule(ABC):
+    """One noise schedule: alpha(t) = probability that a maskable token is still clean at time t.
 
-    name: str
+    Everything a schedule means lives in its class: the mask probability 1 - alpha(t) (the forward
+    process), the ELBO weight (the loss) and the inverse, the time at which a given fraction is masked
+    (the reverse process). A new schedule is one subclass with `@register`, and its name in
+    config.DiffusionConfig.schedule (the config validates without torch; a test checks the two agree).
+    """
 
+    name: ClassVar[str]
+
+    @abstractmethod
     def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
-        if self.name == "linear":
-            return t
-        if self.name == "cosine":
-            return 1.0 - torch.cos(0.5 * math.pi * t)
-        if self.name == "loglinear":  # MDLM: sigma(t) = -log(1 - (1 - 1e-3) t)
-            return (1.0 - 1e-3) * t
-        raise ValueError(f"diffusion.schedule: unknown schedule {self.name!r}; allowed: linear, cosine, loglinear")
+        """1 - alpha(t): the probability that a maskable token is [MASK] at time t."""
 
+    @abstractmethod
     def elbo_weight(self, t: torch.Tensor) -> torch.Tensor:
         """-alpha'(t) / (1 - alpha(t)): the continuous-time ELBO weight of a masked position."""
-        if self.name in ("linear", "loglinear"):
-            return 1.0 / t
-        if self.name == "cosine":
-            half = 0.5 * math.pi
-            return half * torch.sin(half * t) / (1.0 - torch.cos(half * t)).clamp_min(1e-8)
-        raise ValueError(f"diffusion.schedule: unknown schedule {self.name!r}")
+
+    @abstractmethod
+    def time_for_mask_prob(self, p: torch.Tensor) -> torch.Tensor:
+        """The inverse of `mask_prob`: t in [0, 1] with mask_prob(t) = p; p above mask_prob(1) gives t = 1."""
+
+
+SCHEDULES: dict[str, type[NoiseSchedule]] = {}
+
+
+def register(cls: type[NoiseSchedule]) -> type[NoiseSchedule]:
+    """Class decorator: makes the schedule available as `diffusion.schedule: <cls.name>`."""
+    SCHEDULES[cls.name] = cls
+    return cls
+
+
+def get_schedule(name: str) -> NoiseSchedule:
+    """The schedule called `name` (the value of `diffusion.schedule`)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"diffusion.schedule: unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
+    return SCHEDULES[name]()
+
+
+@register
+class LinearSchedule(NoiseSchedule):
+    """alpha(t) = 1 - t (LLaDA): the mask probability is t, the ELBO weight 1/t."""
+
+    name = "linear"
+
+    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def elbo_weight(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 / t
+
+    def time_for_mask_prob(self, p: torch.Tensor) -> torch.Tensor:
+        return p.clamp(0.0, 1.0)
+
+
+@register
+class CosineSchedule(NoiseSchedule):
+    """alpha(t) = cos(pi/2 t): slow masking early in t, fast late."""
+
+    name = "cosine"
+
+    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 - torch.cos(0.5 * math.pi * t)
+
+    def elbo_weight(self, t: torch.Tensor) -> torch.Tensor:
+        half = 0.5 * math.pi
+        return half * torch.sin(half * t) / (1.0 - torch.cos(half * t)).clamp_min(1e-8)
+
+    def time_for_mask_prob(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.arccos(1.0 - p.clamp(0.0, 1.0)) * (2.0 / math.pi)
+
+
+@register
+class LogLinearSchedule(NoiseSchedule):
+    """MDLM's: sigma(t) = -log(1 - (1 - eps) t), so alpha(t) = 1 - (1 - eps) t; the ELBO weight is 1/t."""
+
+    name = "loglinear"
+    eps: ClassVar[float] = 1e-3
+
+    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
+        return (1.0 - self.eps) * t
+
+    def elbo_weight(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 / t
+
+    def time_for_mask_prob(self, p: torch.Tensor) -> torch.Tensor:
+        return (p.clamp(0.0, 1.0) / (1.0 - self.eps)).clamp(max=1.0)
 
 
 def sample_t(batch: int, cfg: DiffusionConfig, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -58,7 +128,7 @@ def forward_process(
     input_ids: torch.Tensor,
     maskable: torch.Tensor,
     t: torch.Tensor,
-    schedule: Schedule,
+    schedule: NoiseSchedule,
     mask_id: int,
     generator: torch.Generator | None = None,
     at_least_one: bool = True,
@@ -84,11 +154,8 @@ def forward_process(
 
 
 def phase_of(t: torch.Tensor, b1: float, b2: float) -> torch.Tensor:
-    """0 = early (t > b2), 1 = mid (b1 < t <= b2), 2 = late (t <= b1)."""
+    """The index into PHASES of each t: 0 = early (t > b2), 1 = mid (b1 < t <= b2), 2 = late (t <= b1)."""
     return torch.where(t > b2, 0, torch.where(t > b1, 1, 2))
-
-
-PHASES = ("early", "mid", "late")
 
 
 def masked_diffusion_loss(
@@ -96,7 +163,7 @@ def masked_diffusion_loss(
     targets: torch.Tensor,
     t_per_token: torch.Tensor,
     n_target_tokens: int | torch.Tensor,
-    schedule: Schedule,
+    schedule: NoiseSchedule,
     weighting: str = "elbo",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss over masked positions. logits (N, V), targets (N,), t_per_token (N,).
@@ -117,7 +184,7 @@ def diffusion_step_loss(model, batch: dict, cfg: DiffusionConfig, mask_id: int, 
     """
     input_ids = batch["input_ids"]
     maskable = batch["target_mask"].bool()
-    schedule = Schedule(cfg.schedule)
+    schedule = get_schedule(cfg.schedule)
     t = sample_t(input_ids.shape[0], cfg, generator=generator, device=input_ids.device)
     x_t, masked = forward_process(input_ids, maskable, t, schedule, mask_id, generator=generator)
     logits = model(x_t, t, batch["attention_mask"], batch["instruction_mask"], positions=masked, target_mask=maskable)
@@ -126,8 +193,8 @@ def diffusion_step_loss(model, batch: dict, cfg: DiffusionConfig, mask_id: int, 
     loss, ce = masked_diffusion_loss(logits, input_ids[masked], t_tok, maskable.sum(), schedule, cfg.loss_weighting)
     stats = {"denoise_loss": loss.detach(), "masked_ce": ce.mean() if ce.numel() else ce.sum()}
     phase = phase_of(t_tok, *b1b2)
-    for i, name in enumerate(PHASES):
+    for i, name in enumerate(PHASE_METRICS):
         sel = phase == i
-        stats[f"ce_{name}"] = ce[sel].mean() if sel.any() else torch.tensor(float("nan"))
+        stats[name] = ce[sel].mean() if sel.any() else torch.tensor(float("nan"))
     stats["accuracy_masked"] = (logits.argmax(-1) == input_ids[masked]).float().mean() if ce.numel() else torch.tensor(float("nan"))
     return loss, stats

@@ -156,10 +156,10 @@ def denoising_accuracy(adaptation, batches: Iterable[dict], t_values: Sequence[f
     """
     import torch
 
-    from lora_diffusion.diffusion import Schedule
+    from lora_diffusion.diffusion import get_schedule
 
     with torch.no_grad():
-        return _denoising_accuracy(adaptation, batches, t_values, mask_id, Schedule(schedule), seed, tuple(exclude_ids))
+        return _denoising_accuracy(adaptation, batches, t_values, mask_id, get_schedule(schedule), seed, tuple(exclude_ids))
 
 
 def _denoising_accuracy(adaptation, batches, t_values, mask_id, sched, seed, exclude_ids=()):

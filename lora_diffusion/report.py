@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-OBJECTIVE = "objective"
-PHASES = ("ce_early", "ce_mid", "ce_late")
+from lora_diffusion.config import PHASE_METRICS
+from lora_diffusion.tracking import OBJECTIVE
+
 MIN_IMPORTANCE_TRIALS = 3  # fANOVA needs a few trials with different values to say anything
 # config keys that can differ between trials without being searched
 BOOKKEEPING = ("tracking.", "train.output_dir", "task.data_dir", "model.base_path")
@@ -657,13 +658,13 @@ def phase_losses(sweep: Sweep, top: int) -> Section | None:
         return None
     intro = ("Masked cross-entropy per diffusion phase (early t > b2, mid b1 < t &le; b2, late t &le; b1): "
              "the last reported value of the best lora_diffusion trials, and the curves of the best one.")
-    shown = [t for t in lora[:top] if any(p in t.metrics for p in PHASES)]
+    shown = [t for t in lora[:top] if any(p in t.metrics for p in PHASE_METRICS)]
     if not shown:
         return Section("phases", "Loss per phase (lora_diffusion)", intro,
-                       [Note("No lora_diffusion trial logged ce_early / ce_mid / ce_late.")])
+                       [Note(f"No lora_diffusion trial logged {' / '.join(PHASE_METRICS)}.")])
     fig = make_subplots(rows=1, cols=2, subplot_titles=["last value, best trials", f"{shown[0].name} over steps"])
-    colors = {"ce_early": "#d62728", "ce_mid": "#ff7f0e", "ce_late": "#2ca02c"}
-    for p in PHASES:
+    colors = dict(zip(PHASE_METRICS, ("#d62728", "#ff7f0e", "#2ca02c")))  # early red, mid orange, late green
+    for p in PHASE_METRICS:
         fig.add_trace(go.Bar(x=[t.name for t in shown], y=[t.metrics.get(p) for t in shown], name=p,
                              legendgroup=p, marker={"color": colors[p]}), row=1, col=1)
         pts = metric_history(sweep.tracking_uri, shown[0].run_id, p)

@@ -32,20 +32,13 @@ import math
 import torch
 
 from lora_diffusion.config import DiffusionConfig, SamplingConfig
+from lora_diffusion.diffusion import get_schedule
 
 
 def time_for_mask_fraction(frac: torch.Tensor, diffusion_cfg: DiffusionConfig | None = None) -> torch.Tensor:
     """t in (0, 1] at which the schedule's mask probability equals `frac` (per row)."""
-    schedule = diffusion_cfg.schedule if diffusion_cfg is not None else "linear"
-    frac = frac.float().clamp(0.0, 1.0)
-    if schedule == "linear":
-        t = frac
-    elif schedule == "loglinear":
-        t = (frac / (1.0 - 1e-3)).clamp(max=1.0)
-    elif schedule == "cosine":
-        t = torch.arccos(1.0 - frac) * (2.0 / math.pi)
-    else:
-        raise ValueError(f"diffusion.schedule: unknown schedule {schedule!r}; allowed: linear, cosine, loglinear")
+    schedule = get_schedule(diffusion_cfg.schedule if diffusion_cfg is not None else "linear")
+    t = schedule.time_for_mask_prob(frac.float().clamp(0.0, 1.0))
     if diffusion_cfg is not None and diffusion_cfg.time == "discrete":
         T = diffusion_cfg.T
         return (torch.ceil(t * T - 1e-6) / T).clamp(min=1.0 / T, max=1.0)

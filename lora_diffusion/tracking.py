@@ -29,6 +29,9 @@ from typing import Any, Iterator
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 RUN_TYPES = ("sweep", "trial", "train")
+# The metric every sweep trial reports to Tune and logs to its MLflow run: the sweep's metric under one name
+# (written by tune, ranked by report).
+OBJECTIVE = "objective"
 _SECRET_PARTS = {"token", "secret", "password", "passwd", "pwd", "key", "apikey", "credential", "credentials", "auth"}
 
 
@@ -182,11 +185,12 @@ def _param_value(v: Any) -> str:
     return s if len(s) <= 6000 else s[:5990] + "…"
 
 
-def git_commit(path: str | os.PathLike | None = None) -> str | None:
-    """The commit of the checkout holding this package (or `path`), or None outside git."""
+def git_commit(path: str | os.PathLike | None = None, short: bool = False) -> str | None:
+    """The commit of the checkout holding this package (or `path`), or None outside git; `short`: git's short form."""
     where = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], cwd=where,
+                             capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

@@ -50,10 +50,8 @@ import torch
 from torch import nn
 
 from lora_diffusion.checkpoint import load_checkpoint, read_train_state, save_checkpoint
-from lora_diffusion.config import Config, ConfigError, check_writable_folder, config_from_dict, load_config
+from lora_diffusion.config import PHASE_METRICS, Config, ConfigError, check_writable_folder, config_from_dict, load_config
 from lora_diffusion.diffusion import diffusion_step_loss
-
-PHASE_METRICS = ("ce_early", "ce_mid", "ce_late")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -710,7 +708,7 @@ def preflight(cfg: Config, resume_from: str | None = None, check_resources: bool
                               f"machine has {torch.cuda.device_count()} GPUs")
     if tc.warmup_steps > tc.max_steps:
         raise ConfigError(f"train.warmup_steps: got {tc.warmup_steps}; must be <= train.max_steps={tc.max_steps}")
-    _check_base(cfg.model.base)
+    check_base(cfg.model.base)
     load_split(cfg.task, cfg.task.train_split)
     if tc.eval_at_end or tc.eval_every > 0:
         load_split(cfg.task, cfg.task.eval_split)
@@ -723,7 +721,9 @@ def preflight(cfg: Config, resume_from: str | None = None, check_resources: bool
                 raise ConfigError(f"{key}: got {b!r}, but the checkpoint {resume_from!r} was made with {a!r}")
 
 
-def _check_base(base: str) -> None:
+def check_base(base: str) -> None:
+    """model.base can be loaded: builtin:tiny, a Hugging Face folder without pickle weights, or a Hub id (cached
+    when offline); else a ConfigError naming it. Also used by the sweep for every searched base."""
     from lora_diffusion.model import resolve_base
 
     if base.startswith("builtin:"):

@@ -67,9 +67,9 @@ from pathlib import Path
 from typing import Any
 
 from lora_diffusion.search_space import Space, SpaceError, apply_sampled, config_key, load_space
+from lora_diffusion.tracking import OBJECTIVE
 
 DEFAULT_STORAGE = "tune_results"
-OBJECTIVE = "objective"
 STATE_TAG = "trial_state"
 FINISHED, FAILED, PRUNED, RUNNING = "FINISHED", "FAILED", "PRUNED", "RUNNING"
 SWEEP_FILE = "sweep.json"  # in the experiment folder: what the sweep was started with (checked on restore)
@@ -372,7 +372,8 @@ def _error_line(trial) -> str:
     return (lines[-1] if lines else str(err))[:4000]
 
 
-def _make_callback(sweep: dict[str, Any]):
+def trial_states_callback(sweep: dict[str, Any]):
+    """The Tune callback that records each finished trial's state in its MLflow child run (also for compare)."""
     from ray import tune
 
     class TrialStates(tune.Callback):
@@ -382,7 +383,7 @@ def _make_callback(sweep: dict[str, Any]):
         def __init__(self, sweep: dict[str, Any]):
             self.sweep = sweep
 
-        def _finish(self, trial, state: str, error: str | None = None) -> None:
+        def record_end(self, trial, state: str, error: str | None = None) -> None:
             from lora_diffusion.tracking import RunTracker, run_tags
 
             s = self.sweep
@@ -422,10 +423,10 @@ def _make_callback(sweep: dict[str, Any]):
             state = trial_state("TERMINATED", trial.last_result, _trial_max_steps(self.sweep["base"], trial.config))
             if state == PRUNED:
                 print(f"[tune] trial {trial} stopped early by ASHA at step {(trial.last_result or {}).get('step')}", flush=True)
-            self._finish(trial, state)
+            self.record_end(trial, state)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._finish(trial, FAILED, _error_line(trial))
+            self.record_end(trial, FAILED, _error_line(trial))
 
     return TrialStates(sweep)
 
@@ -543,11 +544,8 @@ def _make_scheduler(space: Space):
                          stop_last_trials=False)
 
 
-def _trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"
-
-
-def _trial_name(trial) -> str:
+def trial_name(trial) -> str:
+    """A trial's name and its folder's name in the Tune experiment: trial_<trial id>."""
     return f"trial_{trial.trial_id}"
 
 
@@ -689,7 +687,7 @@ def preflight(space: Space, uri: str, check_resources: bool = True) -> None:
     for p in space.params:
         if p.key == "model.base":
             for choice in p.choices:
-                train._check_base(choice)
+                train.check_base(choice)
     if check_resources and os.environ.get("RAY_ADDRESS") is None:
         need = space.resources_per_trial()["total"]
         ncpu = os.cpu_count() or 1
@@ -979,7 +977,7 @@ def check_restorable(exp_dir: Path, space: Space, optuna_storage: str | None = N
     planned = old.get("space", {}).pop("num_samples", None)
     new.get("space", {}).pop("num_samples", None)
     if old != new:
-        diffs = _diff(old, new)
+        diffs = nested_diff(old, new)
         raise SweepError(f"{exp_dir} holds sweep {space.name!r} started with different settings "
                          f"({'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}); resume it with the same space file, "
                          "overrides and flags (only --num-samples may grow: that extends the sweep), or start a new "
@@ -1045,11 +1043,12 @@ def warm_start_points(source: str, storage: Path, space: Space, k: int) -> tuple
     return points, found
 
 
-def _diff(a, b, prefix="") -> list[str]:
+def nested_diff(a, b, prefix="") -> list[str]:
+    """What differs between two nested dicts, one `dotted.key: was A, now B` each (sorted by key)."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+            out += nested_diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [f"{prefix.rstrip('.')}: was {a!r}, now {b!r}"]
 
@@ -1275,11 +1274,11 @@ def main(argv: list[str] | None = None) -> int:
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=_make_searcher(space, storage_url), scheduler=_make_scheduler(space),
                                             num_samples=space.spec.num_samples, max_concurrent_trials=space.spec.max_concurrent,
-                                            trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname,
+                                            trial_name_creator=trial_name, trial_dirname_creator=trial_name,
                                             # an in-process trial imports torch/transformers/datasets: keep the process
                                             reuse_actors=space.trial_runner == "in_process"),
                 run_config=tune.RunConfig(
-                    name=space.name, storage_path=str(storage), callbacks=[_make_callback(sweep), faults.callback()],
+                    name=space.name, storage_path=str(storage), callbacks=[trial_states_callback(sweep), faults.callback()],
                     failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
             )
@@ -1400,7 +1399,7 @@ def record_missed_ends(sweep: dict[str, Any], exp_dir: Path) -> None:
 
     runs = {r.data.tags.get("ray_trial_id"): r
             for r in child_runs(sweep["tracking_uri"], sweep["experiment_id"], sweep["parent_run_id"])}
-    states = _make_callback(sweep)
+    states = trial_states_callback(sweep)
     for t in ExperimentAnalysis(str(exp_dir)).trials:
         if t.status not in ("TERMINATED", "ERROR"):
             continue
@@ -1408,7 +1407,7 @@ def record_missed_ends(sweep: dict[str, Any], exp_dir: Path) -> None:
         run = runs.get(t.trial_id)
         if run is None or run.data.tags.get(STATE_TAG) != state:
             print(f"[tune] recording in MLflow that trial {t} ended {state} (the store was not reachable then)", flush=True)
-            states._finish(t, state, _error_line(t) if state == FAILED else None)
+            states.record_end(t, state, _error_line(t) if state == FAILED else None)
 
 
 def save_tune_decisions(exp_dir: Path, trials) -> list[str]:

@@ -205,6 +205,14 @@ def test_cuda_refused_without_gpu(tmp_path, capsys):
 # --------------------------------------------------------------------------- helpers
 
 
+def test_machine_info_names_the_commit_in_short_form(tmp_path):
+    from lora_diffusion.tracking import git_commit
+
+    short = bench.machine_info()["git_commit"]
+    assert short == git_commit(short=True) and git_commit().startswith(short) and 7 <= len(short) < 40
+    assert git_commit(tmp_path, short=True) is None  # outside a checkout (the bench writes "unknown" then)
+
+
 def test_goal_met_and_missed():
     assert bench.goal("x", 1.2, 1.3)["met"] is True
     assert bench.goal("x", 1.4, 1.3)["met"] is False

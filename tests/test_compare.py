@@ -86,7 +86,13 @@ def test_study_file_gives_one_config_per_method_baseline_first(tmp_path):
 
 def test_study_file_errors_name_the_file_and_key(tmp_path):
     f = study_yaml(tmp_path, {**two_methods(), "colour": "red"})
-    with pytest.raises(C.StudyError, match=r"study.yaml: colour: unknown key"):
+    with pytest.raises(C.StudyError, match=r"study.yaml: colour: unknown key; allowed here: name, metric, mode, seeds"):
+        C.build_study(args(configs=str(f)))
+    f = study_yaml(tmp_path, two_methods(methods=[{"method": "bitfit", "lr": 0.1}, {"method": "lora_diffusion"}]))
+    with pytest.raises(C.StudyError, match=r"study.yaml: methods.0.lr: unknown key; allowed here: method, config, overrides$"):
+        C.build_study(args(configs=str(f)))
+    f = study_yaml(tmp_path, two_methods(mode="up"))
+    with pytest.raises(C.StudyError, match=r"study.yaml: mode: got 'up'; Input should be 'min' or 'max'"):
         C.build_study(args(configs=str(f)))
     f = study_yaml(tmp_path, two_methods(methods=[{"method": "dora"}]))
     with pytest.raises(C.StudyError, match=r"methods.0.method: .*unknown method 'dora'; allowed: lora_diffusion"):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lora_diffusion.config import DiffusionConfig, SamplingConfig
-from lora_diffusion.diffusion import Schedule
+from lora_diffusion.diffusion import get_schedule
 from lora_diffusion.sampling import decode_targets, filter_logits, generate, steps_per_block, time_for_mask_fraction
 
 V, MASK, PAD, CLS, SEP = 40, 4, 0, 2, 3
@@ -169,7 +169,7 @@ def test_time_inverts_the_schedule(schedule):
     frac = torch.tensor([1.0, 0.75, 0.5, 0.2, 0.01])
     cfg = DiffusionConfig(schedule=schedule, time="continuous")
     t = time_for_mask_fraction(frac, cfg)
-    assert torch.allclose(Schedule(schedule).mask_prob(t), frac.clamp(max=Schedule(schedule).mask_prob(torch.ones(1))), atol=1e-5)
+    assert torch.allclose(get_schedule(schedule).mask_prob(t), frac.clamp(max=get_schedule(schedule).mask_prob(torch.ones(1))), atol=1e-5)
     discrete = time_for_mask_fraction(frac, DiffusionConfig(schedule=schedule, time="discrete", T=10))
     assert torch.allclose(discrete * 10, torch.round(discrete * 10)) and (discrete >= t - 1e-6).all()
 
