@@ -251,30 +251,45 @@ def test_spaces_in_the_results_path_and_credentials_by_environment(local_slurm, 
 
 # --------------------------------------------------------------------------- 2. time limit, requeue, resume
 
-SPACE = """\
-# A tiny sweep: builtin:tiny, 3 trials one at a time, 2000 optimizer steps each (~22 s on an idle 2-core
-# machine, 80-160 s on a busy one), so that the two trials after the first outlast SLURM's 30 s time-limit
-# check: SIGUSR1 always finds the sweep unfinished.
-name: slurm-requeue
+def tiny_sweep_space(comment: str, name: str, max_steps: int, report_every: int, num_samples: int, workers: int,
+                     cpus_per_worker: int, extra: str = "") -> str:
+    """A space file for a tiny sweep on builtin:tiny (random lr, metric loss, no scheduler, one trial at a time)."""
+    return f"""{comment}name: {name}
 overrides:
   model.base: builtin:tiny
   model.max_length: 32
   task.name: sst2
   task.eval_subset_size: 8
-  train.max_steps: 2000
-  train.report_every: 250
+  train.max_steps: {max_steps}
+  train.report_every: {report_every}
   train.batch_size: 8
   train.warmup_steps: 0
-params:
-  train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}
+{extra}params:
+  train.lr: {{type: log_float, low: 1.0e-4, high: 1.0e-2}}
 metric: loss
 mode: min
-sampler: {name: random, seed: 0}
-scheduler: {name: none}
-num_samples: 3
+sampler: {{name: random, seed: 0}}
+scheduler: {{name: none}}
+num_samples: {num_samples}
 max_concurrent: 1
-resources: {workers: 1, cpus_per_worker: 1}
+resources: {{workers: {workers}, cpus_per_worker: {cpus_per_worker}}}
 """
+
+
+def sweep_files(tmp_path: Path, space_text: str) -> tuple[Path, Path, Path, Path]:
+    """The tiny data folder, the space file, the results folder and its MLflow store for one sweep test."""
+    data = tmp_path / "data"
+    write_tiny_sst2(data)
+    space = tmp_path / "space.yaml"
+    space.write_text(space_text)
+    results = tmp_path / "runs"
+    return data, space, results, results / "mlflow.db"
+
+
+# builtin:tiny, 3 trials one at a time, 2000 optimizer steps each (~22 s on an idle 2-core machine, 80-160 s on a
+# busy one), so that the two trials after the first outlast SLURM's 30 s time-limit check: SIGUSR1 always finds
+# the sweep unfinished.
+SPACE = tiny_sweep_space("", "slurm-requeue", 2000, 250, 3, 1, 1)
 
 WORDS = ["good", "bad", "movie", "film", "great", "awful", "fun", "boring", "the", "a", "very", "not"]
 
@@ -303,12 +318,7 @@ def finished_trials(db: Path) -> dict[str, int]:
 
 @pytest.mark.timeout(900)
 def test_sweep_hits_time_limit_requeues_and_resumes(local_slurm, tmp_path):
-    data = tmp_path / "data"
-    write_tiny_sst2(data)
-    space = tmp_path / "space.yaml"
-    space.write_text(SPACE)
-    results = tmp_path / "runs"
-    db = results / "mlflow.db"
+    data, space, results, db = sweep_files(tmp_path, SPACE)
     since = epilog_offset()
     # --signal-lead 150: SIGUSR1 150 s before the limit; the limit is lowered below once a trial has finished.
     job, out, _ = submit(results, "--time", "15", "--signal-lead", "150", "--space", str(space), "--no-mlflow-ui",
@@ -393,31 +403,11 @@ def kill_worker_node_ray(job: str) -> list[str]:
     return [f"{pid} {comm}" for pid, comm in victims]
 
 
-NODE_LOSS_SPACE = """\
-# One trial of 2 Ray Train workers of 2 CPUs each: on the local SLURM's 2-CPU nodes the workers must sit
-# on different nodes (rank 0 and rank 1 span n1 and n2). A checkpoint every 20 steps; max_failures 1 lets
-# Ray Train restart the worker group once, from the last checkpoint.
-name: slurm-node-loss
-overrides:
-  model.base: builtin:tiny
-  model.max_length: 32
-  task.name: sst2
-  task.eval_subset_size: 8
-  train.max_steps: 300           # many reports after the kill at step 40: the kill lands mid-trial even on a fast machine
-  train.report_every: 20
-  train.batch_size: 8
-  train.warmup_steps: 0
-  train.max_failures: 1
-params:
-  train.lr: {type: log_float, low: 1.0e-4, high: 1.0e-2}
-metric: loss
-mode: min
-sampler: {name: random, seed: 0}
-scheduler: {name: none}
-num_samples: 1
-max_concurrent: 1
-resources: {workers: 2, cpus_per_worker: 2}
-"""
+# One trial of 2 Ray Train workers of 2 CPUs each: on the local SLURM's 2-CPU nodes the workers must sit on
+# different nodes (rank 0 and rank 1 span n1 and n2). A checkpoint every 20 steps; max_failures 1 lets Ray Train
+# restart the worker group once, from the last checkpoint. 300 steps: many reports after the kill at step 40, so
+# the kill lands mid-trial even on a fast machine.
+NODE_LOSS_SPACE = tiny_sweep_space("", "slurm-node-loss", 300, 20, 1, 2, 2, extra="  train.max_failures: 1\n")
 
 
 def trial_loss_steps(db: Path) -> list[int]:
@@ -440,12 +430,7 @@ def test_worker_node_loss_mid_trial_resumes_from_checkpoint(local_slurm, tmp_pat
     the trial's second checkpoint. ray_slurm.sh starts n2's Ray again; Ray Train (train.max_failures 1)
     restarts the worker group on both nodes from the last checkpoint, not from step 0; the sweep records
     the trial FINISHED once; the job ends COMPLETED and nothing of it is left."""
-    data = tmp_path / "data"
-    write_tiny_sst2(data)
-    space = tmp_path / "space.yaml"
-    space.write_text(NODE_LOSS_SPACE)
-    results = tmp_path / "runs"
-    db = results / "mlflow.db"
+    data, space, results, db = sweep_files(tmp_path, NODE_LOSS_SPACE)
     since = epilog_offset()
     job, out, _ = submit(results, "--time", "15", "--space", str(space), "--no-mlflow-ui", "--", "--data-dir", str(data))
     try:
