@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from lora_diffusion.config import PHASE_METRICS, PHASES, DiffusionConfig
+from lora_diffusion.config import PHASE_METRICS, DiffusionConfig
 
 
 class NoiseSchedule(ABC):

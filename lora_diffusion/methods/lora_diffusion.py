@@ -37,8 +37,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_diffusion.config import LoRADiffusionConfig
-from lora_diffusion.diffusion import PHASES, phase_of
+from lora_diffusion.config import PHASES, LoRADiffusionConfig
+from lora_diffusion.diffusion import phase_of
 from lora_diffusion.methods.core import Adaptation, count_parameters, freeze
 from lora_diffusion.model import sinusoidal
 
