@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from lora_diffusion.data import local_split_file
-    from lora_diffusion.evaluation import evaluate, format_table, write_eval_outputs
+    from lora_diffusion.scoring import evaluate, format_table, write_eval_outputs
     from lora_diffusion.tasks import DataError, get_task
 
     start = time.perf_counter()

@@ -6,7 +6,7 @@
 `train_loop(loop_config, reporter)` reads top to bottom: config -> seeds -> base + method -> data
 -> model (DDP over what trains) -> AdamW + cosine schedule -> steps (grad accumulation,
 clipping, mixed precision) -> every `train.report_every` steps a report + checkpoint -> final
-evaluation. `reporter` (see reporting.py) decides where reports and checkpoints go: Ray Train,
+evaluation. `reporter` (see train_reporters.py) decides where reports and checkpoints go: Ray Train,
 Ray Tune or a plain list and folder. The command runs it on a local Ray cluster (or
 $RAY_ADDRESS) with `TorchTrainer`, after checking the config, the data, the base and the
 MLflow store.
@@ -221,8 +221,8 @@ def validation_loss(adaptation, loader, cfg: Config, mask_id: int, device: torch
 
 
 def final_evaluation(adaptation, tokenizer, cfg: Config, out_dir: Path) -> dict[str, float]:
-    """Task metrics on task.eval_split (`lora_diffusion.evaluation`), written to out_dir/eval/, as eval_* metrics."""
-    from lora_diffusion.evaluation import evaluate, write_eval_outputs
+    """Task metrics on task.eval_split (`lora_diffusion.scoring`), written to out_dir/eval/, as eval_* metrics."""
+    from lora_diffusion.scoring import evaluate, write_eval_outputs
 
     metrics, predictions = evaluate(adaptation, tokenizer, cfg)
     write_eval_outputs(out_dir / "eval", metrics, predictions)
@@ -475,7 +475,7 @@ class _Window:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point: `train_loop` with the Ray Train reporter."""
-    from lora_diffusion.reporting import RayTrainReporter
+    from lora_diffusion.train_reporters import RayTrainReporter
 
     return train_loop(loop_config, RayTrainReporter())
 

@@ -1,4 +1,4 @@
-"""evaluation.evaluate end to end, and the evaluate / generate commands."""
+"""scoring.evaluate end to end, and the evaluate / generate commands."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lora_diffusion.config import load_config
-from lora_diffusion.evaluation import evaluate, format_table, write_eval_outputs
+from lora_diffusion.scoring import evaluate, format_table, write_eval_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [{"sentence": f"a good film number {i} ", "label": int(i % 3 == 0), "idx": i} for i in range(10)]

@@ -214,7 +214,7 @@ class _Logits(nn.Module):
 
 
 def test_rank_classification_equals_hand_computed_log_likelihoods():
-    from lora_diffusion.evaluation import rank_classify, rank_scores
+    from lora_diffusion.scoring import rank_classify, rank_scores
 
     batch = _batch()
     fake = _Logits(2, 9, 30)

@@ -18,7 +18,7 @@ import pytest
 
 from lora_diffusion.config import load_config
 from lora_diffusion.model_card import card_metrics, read_card, render_card
-from lora_diffusion.reporting import LocalReporter
+from lora_diffusion.train_reporters import LocalReporter
 from lora_diffusion.tracking import client, git_commit
 from lora_diffusion.train import train_loop
 from test_train import tiny_overrides, write_sst2

@@ -21,8 +21,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def test_short_lora_diffusion_run_beats_the_majority_label_on_real_sst2(shared_data, tmp_path):
     from lora_diffusion.adapter import load_adapter
     from lora_diffusion.config import load_config
-    from lora_diffusion.evaluation import evaluate
-    from lora_diffusion.reporting import LocalReporter
+    from lora_diffusion.scoring import evaluate
+    from lora_diffusion.train_reporters import LocalReporter
     from lora_diffusion.train import train_loop
 
     torch.set_num_threads(2)

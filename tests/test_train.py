@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lora_diffusion.config import config_from_dict, load_config
-from lora_diffusion.reporting import LocalReporter
+from lora_diffusion.train_reporters import LocalReporter
 from lora_diffusion.train import (
     NonFiniteLossError,
     ResumableSampler,

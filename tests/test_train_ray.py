@@ -175,7 +175,7 @@ def test_tune_function_trial_reports_and_checkpoints_through_tune_reporter(ray_c
     from ray import tune
 
     from lora_diffusion.config import load_config
-    from lora_diffusion.reporting import TuneReporter
+    from lora_diffusion.train_reporters import TuneReporter
     from lora_diffusion.tracking import RunTracker, client
     from lora_diffusion.train import train_loop
 

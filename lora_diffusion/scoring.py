@@ -1,4 +1,5 @@
-"""Evaluate an adapted denoiser on a task split: generate the targets, score them.
+"""Score an adapted denoiser on a task split: generate the targets, score them (the library behind
+`python -m lora_diffusion.evaluate`, which is the command).
 
     metrics, predictions = evaluate(adaptation, tokenizer, cfg)                  # cfg.task.eval_split
     metrics, predictions = evaluate(adaptation, tokenizer, cfg, split="train", limit=200)
