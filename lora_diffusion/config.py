@@ -74,6 +74,7 @@ class DiffusionConfig(_Section):
 # method's training step reports its masked cross-entropy per phase as the metrics PHASE_METRICS.
 PHASES = ("early", "mid", "late")
 PHASE_METRICS = tuple(f"ce_{phase}" for phase in PHASES)
+PHASE_RANGES = ("t > b2", "b1 < t <= b2", "t <= b1")  # the t of each phase (diffusion.phase_of)
 
 
 # --------------------------------------------------------------------------- methods

@@ -14,6 +14,8 @@ import math
 import threading
 from typing import Mapping
 
+from lora_diffusion.config import PHASE_METRICS, PHASE_RANGES, PHASES
+
 PREFIX = "lora_diffusion_"
 TAG_KEYS: tuple[str, ...] = ("trial", "task", "method")
 UNKNOWN = "unknown"  # tag value used when a label is missing
@@ -24,9 +26,7 @@ METRICS: dict[str, str] = {
     "denoise_loss": "Masked-diffusion denoising loss",
     "reg_rank": "Rank regulariser (LoRA-Diffusion)",
     "reg_orth": "Orthogonality regulariser (LoRA-Diffusion)",
-    "ce_early": "Masked cross-entropy on early-phase timesteps (t > b2)",
-    "ce_mid": "Masked cross-entropy on mid-phase timesteps (b1 < t <= b2)",
-    "ce_late": "Masked cross-entropy on late-phase timesteps (t <= b1)",
+    **{m: f"Masked cross-entropy on {p}-phase timesteps ({r})" for p, m, r in zip(PHASES, PHASE_METRICS, PHASE_RANGES)},
     "lr": "Learning rate",
     "tokens_per_s": "Training throughput in tokens per second",
     "samples_per_s": "Training throughput in samples per second",

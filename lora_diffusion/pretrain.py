@@ -10,9 +10,9 @@ token is maskable, t ~ the schedule, loss = 1/t-weighted (ELBO) cross-entropy on
 normalised per token. The result is written with `model.save_base`: a folder every other command
 accepts as `model.base=<folder>`.
 
-Corpus: the texts of the task files in `--data-dir` (sst2 `sentence`; squad `context`, `question`;
-xsum `document`, `summary`; files as the tasks resolve them, e.g. squad `train` ->
-dev_split/train.jsonl), and/or plain text files (`--text-file`, one text per non-empty line).
+Corpus: the texts of the task files in `--data-dir` (each task's `corpus_fields`: sst2 `sentence`;
+squad `context`, `question`; xsum `document`, `summary`; files as the tasks resolve them, e.g. squad
+`train` -> dev_split/train.jsonl), and/or plain text files (`--text-file`, one text per non-empty line).
 Texts are deduplicated, shuffled under `--seed` and cut into windows of `--max-length` tokens.
 Only the training split is read by default (`--splits`): pretraining on evaluation texts leaks.
 
@@ -42,8 +42,6 @@ from lora_diffusion.methods.core import Adaptation
 
 log = logging.getLogger("lora_diffusion.pretrain")
 
-# The text fields of each task's examples (Hugging Face schema).
-CORPUS_FIELDS = {"sst2": ("sentence",), "squad": ("context", "question"), "xsum": ("document", "summary")}
 METRICS_FILE = "pretrain_metrics.jsonl"
 
 
@@ -57,18 +55,18 @@ class PretrainError(ValueError):
 def task_files(data_dir: str, tasks: list[str], splits: list[str]) -> list[tuple[str, Path]]:
     """(task, file) for every requested task and split, resolved like the training data is."""
     from lora_diffusion.data import local_split_file
-    from lora_diffusion.tasks import get_task
+    from lora_diffusion.tasks import TASKS
     from lora_diffusion.tasks.base import DataError
 
     if not Path(data_dir).expanduser().is_dir():
         raise PretrainError(f"--data-dir {data_dir!r}: folder does not exist")
     out = []
     for name in tasks:
-        if name not in CORPUS_FIELDS:
-            raise PretrainError(f"--tasks: unknown task {name!r}; allowed: {', '.join(CORPUS_FIELDS)}")
+        if name not in TASKS:
+            raise PretrainError(f"--tasks: unknown task {name!r}; allowed: {', '.join(sorted(TASKS))}")
         for split in splits:
             try:
-                out.append((name, local_split_file(get_task(name), data_dir, split, source="--data-dir")))
+                out.append((name, local_split_file(TASKS[name], data_dir, split, source="--data-dir")))
             except DataError as e:
                 raise PretrainError(str(e)) from None
     return out
@@ -87,6 +85,8 @@ def utf8_lines(path: Path, shown: str | None = None) -> Iterator[tuple[int, str]
 
 def read_texts(files: list[tuple[str, Path]], text_files: list[str]) -> list[str]:
     """Every non-empty text of the given task files and plain text files, deduplicated, in order."""
+    from lora_diffusion.tasks import get_task
+
     texts: dict[str, None] = {}
     for task, path in files:
         for lineno, line in utf8_lines(path):
@@ -98,7 +98,7 @@ def read_texts(files: list[tuple[str, Path]], text_files: list[str]) -> list[str
                 raise PretrainError(f"{path}: line {lineno} is not JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise PretrainError(f"{path}: line {lineno} is a JSON {type(row).__name__}, not an object")
-            for field in CORPUS_FIELDS[task]:
+            for field in get_task(task).corpus_fields:
                 value = row.get(field)
                 if not isinstance(value, str):
                     raise PretrainError(f"{path}: line {lineno} has no text field {field!r} (task {task})")

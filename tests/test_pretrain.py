@@ -129,7 +129,7 @@ def test_sft_mix_adds_instruction_format_rows(tmp_path, text_file):
     [
         (["--data-dir", "/nonexistent/data"], "--data-dir '/nonexistent/data': folder does not exist"),
         (["--text-file", "/nonexistent/corpus.txt"], "--text-file '/nonexistent/corpus.txt': file does not exist"),
-        (["--data-dir", "{data}", "--tasks", "mnli"], "--tasks: unknown task 'mnli'; allowed: sst2, squad, xsum"),
+        (["--data-dir", "{data}", "--tasks", "mnli"], "--tasks: unknown task 'mnli'; allowed: squad, sst2, xsum"),
         (["--data-dir", "{data}", "--tasks", "sst2", "--splits", "test"], "split 'test'"),
         (["--data-dir", "{data}", "--tasks", "xsum"], "no folder 'xsum'"),
         (["--base", "/nonexistent/base", "--text-file", "{text}"], "--base '/nonexistent/base': folder does not exist"),

@@ -19,10 +19,14 @@ Adding a task is one file, `lora_diffusion/tasks/<name>.py`:
         input_field="context",                                              # cut when too long
         target_budget=24,                                                    # tokens incl. [SEP]
         metric_fn=squad_metrics,
+        metrics={"exact_match": "max", "f1": "max"},   # what can rank runs: eval_exact_match, eval_f1
+        headline="f1",                                 # the benchmark's one number
+        corpus_fields=("context", "question"),         # what `pretrain --tasks myqa` reads
     )
 
-Its local data then lives in `<data_dir>/myqa/<split>.jsonl` (Hub schema, one object per line)
-and `task.name=myqa` is accepted by the config validator.
+Its local data then lives in `<data_dir>/myqa/<split>.jsonl` (Hub schema, one object per line),
+`task.name=myqa` is accepted by the config validator, `eval_f1` can be a search space's metric
+and `pretrain --tasks myqa` reads its text fields: they all read the registry.
 """
 
 from __future__ import annotations
@@ -32,24 +36,30 @@ import pkgutil
 
 from lora_diffusion.tasks.base import DataError, Task
 
-__all__ = ["TASKS", "DataError", "Task", "get_task"]
+__all__ = ["TASKS", "DataError", "Task", "discover", "get_task", "register_task"]
+
+TASKS: dict[str, Task] = {}
 
 
-def _discover() -> dict[str, Task]:
-    found: dict[str, Task] = {}
+def register_task(task: Task, where: str) -> None:
+    """Add `task` to the registry (`where` names its module in the error when the name is taken)."""
+    if task.name in TASKS:
+        raise ValueError(f"task name {task.name!r} is defined twice ({where})")
+    TASKS[task.name] = task
+
+
+def discover() -> None:
+    """Register the `TASK` of every module in this package's folders not registered yet (run at import)."""
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_") or info.name == "base":
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         task = getattr(module, "TASK", None)
-        if isinstance(task, Task):
-            if task.name in found:
-                raise ValueError(f"task name {task.name!r} is defined twice (tasks/{info.name}.py)")
-            found[task.name] = task
-    return found
+        if isinstance(task, Task) and TASKS.get(task.name) is not task:
+            register_task(task, f"tasks/{info.name}.py")
 
 
-TASKS: dict[str, Task] = _discover()
+discover()
 
 
 def get_task(name: str) -> Task:

@@ -4,7 +4,10 @@ A task knows where its data lives (a Hub id and config, or local JSON Lines file
 Hub schema), which fields an example must have, how an example becomes an
 (instruction, input, target) triple, the target length budget (tokens, including the
 closing [SEP]), its label words when it is a classification task, the references a
-prediction is scored against and the metric function.
+prediction is scored against, the metric function, the metrics that can rank runs (with
+their direction: a sweep's objective, the benchmark's headline) and the text fields a
+continued pretraining reads. Nothing about a task is declared anywhere else: the config
+validator, the search spaces and `pretrain` read it from here.
 
 The instruction is never truncated and is what LoRA-Diffusion's instruction encoder sees;
 the input (the context side: a review, a passage, an article) is what the collator cuts
@@ -32,6 +35,11 @@ class Task:
     input_field: str  # the context side: truncated first when the sequence is too long
     target_budget: int  # target span length in tokens: target tokens + [SEP] + [PAD]s
     metric_fn: Callable[[list[str], list[list[str]]], dict[str, float]]  # (predictions, references) -> metrics
+    # The metrics of metric_fn that can rank runs, name -> "max" | "min" (the final evaluation reports each as
+    # eval_<name>; a search space may optimise it). A label task also gets rank_accuracy (see eval_metrics).
+    metrics: dict[str, str]
+    headline: str  # the one metric that sums a run up (the quality benchmark's goals); one of eval_metrics()
+    corpus_fields: tuple[str, ...]  # the text fields `python -m lora_diffusion.pretrain` reads from the task's files
     label_words: tuple[str, ...] | None = None  # classification: label id i <-> label_words[i]
     # split name -> candidate local files (relative to <data_dir>/<task>/); first existing wins.
     # Splits not listed resolve to <split>.jsonl.
@@ -39,6 +47,20 @@ class Task:
     # split name -> Hub split name, for local-only aliases (e.g. squad's "full_validation").
     hub_splits: dict[str, str] = field(default_factory=dict)
     description: str = ""
+
+    def __post_init__(self) -> None:
+        bad = {m: d for m, d in self.metrics.items() if d not in ("max", "min")}
+        if bad:
+            raise ValueError(f"task {self.name!r}: metrics {bad}: each direction must be 'max' or 'min'")
+        if self.headline not in self.eval_metrics():
+            raise ValueError(f"task {self.name!r}: headline {self.headline!r}; allowed: {', '.join(self.eval_metrics())}")
+        if not self.corpus_fields:
+            raise ValueError(f"task {self.name!r}: corpus_fields is empty; name the text fields pretraining reads")
+
+    def eval_metrics(self) -> dict[str, str]:
+        """Every metric of this task's final evaluation that can rank runs, name -> direction: the declared
+        `metrics`, and for a label task rank_accuracy (the evaluation also ranks the label words)."""
+        return {**self.metrics, **({"rank_accuracy": "max"} if self.label_words else {})}
 
     # -- the example -> text triple ------------------------------------------------------------
     def instruction(self, example: dict[str, Any]) -> str:

@@ -68,6 +68,9 @@ TASK = SQuAD(
     input_field="context",
     target_budget=32,
     metric_fn=squad_metrics,
+    metrics={"exact_match": "max", "f1": "max"},
+    headline="f1",
+    corpus_fields=("context", "question"),
     local_files={
         "train": ("train.jsonl", "dev_split/train.jsonl"),
         "validation": ("dev_split/validation.jsonl", "validation.jsonl"),

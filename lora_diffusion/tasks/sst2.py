@@ -38,6 +38,9 @@ TASK = SST2(
     input_field="sentence",
     target_budget=4,
     metric_fn=lambda preds, refs: classification_metrics(preds, refs, LABEL_WORDS),
+    metrics={"accuracy": "max", "non_label_rate": "min"},
+    headline="accuracy",
+    corpus_fields=("sentence",),
     label_words=LABEL_WORDS,
     description="GLUE SST-2 sentiment; target = 'negative' | 'positive'; metric = accuracy",
 )

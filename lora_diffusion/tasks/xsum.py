@@ -35,5 +35,8 @@ TASK = XSum(
     input_field="document",
     target_budget=64,
     metric_fn=summarization_metrics,
+    metrics={"rouge1": "max", "rouge2": "max", "rougeL": "max", "rougeLsum": "max", "bleu": "max"},
+    headline="rougeL",
+    corpus_fields=("document", "summary"),
     description="XSum one-sentence summarisation; metrics = ROUGE-1/2/L/Lsum, BLEU",
 )
