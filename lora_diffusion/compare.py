@@ -183,8 +183,8 @@ def _base_from_mlflow(run_id: str | None, uri: str) -> dict[str, Any] | None:
 
 
 def _best_from_mlflow(name: str, uri: str, tried: list[str]) -> tuple[dict[str, Any], dict[str, Any], str]:
+    from lora_diffusion.sweep.runs import find_parent_run
     from lora_diffusion.tracking import client, redact_uri
-    from lora_diffusion.tune import find_parent_run
 
     c = client(uri)
     exp = c.get_experiment_by_name(name)
@@ -485,8 +485,8 @@ def _resources(cfg: Config) -> dict[str, Any]:
 
 
 def start_study_run(uri: str, study: Study, experiment_id: str) -> str:
+    from lora_diffusion.sweep.runs import find_parent_run
     from lora_diffusion.tracking import RunTracker, run_tags
-    from lora_diffusion.tune import find_parent_run
 
     existing = find_parent_run(uri, experiment_id, study.name)
     if existing is not None:
@@ -511,8 +511,12 @@ def run_study(study: Study, storage: Path, uri: str, num_cpus: int | None, dashb
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from lora_diffusion import tune as sweeps
-    from lora_diffusion.tracking import RunTracker, error_text
+    from lora_diffusion.ray_runtime import start_ray
+    from lora_diffusion.sweep.callbacks import trial_states_callback
+    from lora_diffusion.sweep.runs import artifact_location
+    from lora_diffusion.sweep.search import trial_name
+    from lora_diffusion.sweep.trial import run_trial
+    from lora_diffusion.tracking import RunTracker, ensure_experiment, error_text
 
     exp_dir = storage / study.name
     configs = study.trial_configs()
@@ -524,10 +528,10 @@ def run_study(study: Study, storage: Path, uri: str, num_cpus: int | None, dashb
     connected, parent_run_id = False, None
     started = time.time()
     try:
-        connected, dash = sweeps.start_ray(num_cpus, dashboard)
+        connected, dash = start_ray(num_cpus, dashboard, reuse=False)
         if dash:
             print(f"[compare] Ray dashboard: {dash}", flush=True)
-        experiment_id = sweeps.ensure_experiment(uri, study.name)
+        experiment_id = ensure_experiment(uri, study.name, artifact_location(uri, study.name), "sweep name with --name")
         parent_run_id = start_study_run(uri, study, experiment_id)
         print(f"[compare] MLflow: experiment {study.name!r} (id {experiment_id}), parent run {parent_run_id}", flush=True)
         exp_dir.mkdir(parents=True, exist_ok=True)
@@ -537,7 +541,7 @@ def run_study(study: Study, storage: Path, uri: str, num_cpus: int | None, dashb
                  "trial_runner": "in_process" if base.train.num_workers == 1 else "torch_trainer",
                  "train_storage": str(exp_dir / "train"), "retry_failed": False,
                  "console_metrics": ("step", "loss", study.metric)}
-        trainable = tune.with_resources(tune.with_parameters(sweeps.run_trial, sweep=sweep), _resources(base))
+        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), _resources(base))
         if tune.Tuner.can_restore(str(exp_dir)):
             print(f"[compare] resuming study {study.name!r} from {exp_dir} (finished trials are kept)", flush=True)
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -546,9 +550,9 @@ def run_study(study: Study, storage: Path, uri: str, num_cpus: int | None, dashb
                 trainable, param_space={k: None for k in points[0]},  # the points fill every key
                 tune_config=tune.TuneConfig(
                     search_alg=BasicVariantGenerator(points_to_evaluate=points), num_samples=len(points),
-                    max_concurrent_trials=max_concurrent, trial_name_creator=sweeps.trial_name,
-                    trial_dirname_creator=sweeps.trial_name, reuse_actors=sweep["trial_runner"] == "in_process"),
-                run_config=tune.RunConfig(name=study.name, storage_path=str(storage), callbacks=[sweeps.trial_states_callback(sweep)],
+                    max_concurrent_trials=max_concurrent, trial_name_creator=trial_name,
+                    trial_dirname_creator=trial_name, reuse_actors=sweep["trial_runner"] == "in_process"),
+                run_config=tune.RunConfig(name=study.name, storage_path=str(storage), callbacks=[trial_states_callback(sweep)],
                                           failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
         tuner.fit()
@@ -572,19 +576,20 @@ def collect(study: Study, exp_dir: Path, uri: str, experiment_id: str, parent_ru
     """One row per trial: method, seed, state, MLflow run, the study metric, trainable params, per-example scores."""
     from ray.tune import ExperimentAnalysis
 
-    from lora_diffusion import tune as sweeps
+    from lora_diffusion.sweep.runs import child_runs
+    from lora_diffusion.sweep.states import FINISHED, trial_state
     from lora_diffusion.tracking import client
 
     c = client(uri)
-    runs = {r.data.tags.get("ray_trial_id"): r for r in sweeps.child_runs(uri, experiment_id, parent_run_id)}
+    runs = {r.data.tags.get("ray_trial_id"): r for r in child_runs(uri, experiment_id, parent_run_id)}
     max_steps = study.candidates[0].config.train.max_steps
     rows = []
     for t in ExperimentAnalysis(str(exp_dir)).trials:
         method, seed = t.config.get("method.name"), t.config.get("train.seed")
         run = runs.get(t.trial_id)
-        state = sweeps.trial_state(t.status, t.last_result, max_steps)
+        state = trial_state(t.status, t.last_result, max_steps)
         metrics = dict(run.data.metrics) if run is not None else {}
-        value = metrics.get(study.metric) if state == sweeps.FINISHED else None
+        value = metrics.get(study.metric) if state == FINISHED else None
         row = {"method": method, "seed": seed, "trial_id": t.trial_id, "state": state,
                "run_id": run.info.run_id if run else None, "value": value,
                "trainable_params": metrics.get("trainable_params"),
@@ -707,7 +712,7 @@ def check_restorable(study: Study, exp_dir: Path) -> None:
     old = json.loads(f.read_text())
     new = json.loads(json.dumps(study.fingerprint()))
     if old != new:
-        from lora_diffusion.tune import nested_diff
+        from lora_diffusion.sweep.resume import nested_diff
 
         diffs = nested_diff(old, new)
         raise StudyError(f"{exp_dir} holds study {study.name!r} started with other settings ({'; '.join(diffs[:4])}"

@@ -8,7 +8,7 @@ source, steps, metrics, git commit, trainable parameters, and the command that l
 (`python -m lora_diffusion.generate --adapter ...`). The training loop writes it beside
 `adapter_config.json` at every checkpoint (with the metrics of that report; the last one has the
 final evaluation), so the adapter artifact of every MLflow run carries it; the registered model
-version gets the same text as its description (`tune.register_best`).
+version gets the same text as its description (`sweep.results.register_best`).
 
 Kept under MLflow's 5,000-character limit for a model version description (long method settings
 are shortened, never the facts above).

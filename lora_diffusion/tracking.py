@@ -175,6 +175,11 @@ def is_secret_name(name: str) -> bool:
     return any(p in _SECRET_PARTS or "secret" in p or "passw" in p or p.endswith(("token", "apikey")) for p in parts)
 
 
+def is_finite_number(v: Any) -> bool:
+    """An int or float (not a bool) that is finite: what is logged as a metric and compared as an objective."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
 def without_secrets(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if not is_secret_name(str(k))}
 
@@ -234,8 +239,7 @@ class RunTracker:
             tracker = cls(uri, run_id, owned=bool(owned))
             c.get_run(run_id)  # fails early with MLflow's message if the id is wrong
         else:
-            exp = c.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp is not None else _create_experiment(c, experiment)
+            exp_id = ensure_experiment(uri, experiment)
             all_tags = {}
             if parent_run_id is not None:
                 all_tags["mlflow.parentRunId"] = parent_run_id
@@ -260,9 +264,7 @@ class RunTracker:
         now = int(time.time() * 1000)
         items = []
         for k, v in metrics.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                continue
-            if not math.isfinite(float(v)):
+            if not is_finite_number(v):
                 continue
             items.append(Metric(str(k), float(v), now, int(step)))
         for i in range(0, len(items), 1000):
@@ -284,6 +286,15 @@ class RunTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def log_checkpoint(self, folder: str | os.PathLike) -> None:
+        """The files of a checkpoint folder a run keeps: adapter/ (weights and model card), config.yaml, eval/."""
+        folder = Path(folder)
+        self.log_artifacts(folder / "adapter", "adapter")
+        if (folder / "config.yaml").is_file():
+            self.log_artifact(folder / "config.yaml")
+        if (folder / "eval").is_dir():
+            self.log_artifacts(folder / "eval", "eval")
+
     # -- the end ------------------------------------------------------------------------------
     def end(self, status: str = "FINISHED", error: str | None = None, force: bool = False) -> None:
         """Terminate the run (FINISHED / FAILED / KILLED) if this tracker owns it (or `force`)."""
@@ -294,11 +305,21 @@ class RunTracker:
             self.ended = True
 
 
-def _create_experiment(c, name: str) -> str:
+def ensure_experiment(uri: str, name: str, artifact_location: str | None = None,
+                      other_name: str = "experiment name (tracking.experiment)") -> str:
+    """The id of the MLflow experiment `name`, created if new (in `artifact_location`, else where the store
+    puts artifacts). A deleted experiment is a TrackingError: restore it or choose another `other_name`."""
     from mlflow.exceptions import MlflowException
 
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted at {redact_uri(uri)}; restore it (mlflow experiments "
+                                f"restore) or choose another {other_name}")
+        return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, artifact_location=artifact_location)
     except MlflowException:  # created meanwhile by another process (parallel trials)
         exp = c.get_experiment_by_name(name)
         if exp is None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
@@ -43,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from torch import nn
 from lora_diffusion.checkpoint import load_checkpoint, read_train_state, save_checkpoint
 from lora_diffusion.config import PHASE_METRICS, Config, ConfigError, check_writable_folder, config_from_dict, load_config
 from lora_diffusion.diffusion import diffusion_step_loss
+from lora_diffusion.ray_runtime import start_ray
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -103,16 +104,16 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return max(0, self.num_samples - self.skip)
 
 
-def micro_batches(loader, sampler: ResumableSampler, position: dict[str, int], batch_size: int):
-    """Endless stream of batches; `position` = {"epoch", "batch"} counts what has been handed out."""
+def micro_batches(loader, sampler: ResumableSampler, state: LoopState, batch_size: int):
+    """Endless stream of batches; `state.epoch` and `state.batch` count what has been handed out."""
     while True:
-        sampler.set_epoch(position["epoch"])
-        sampler.skip = position["batch"] * batch_size
+        sampler.set_epoch(state.epoch)
+        sampler.skip = state.batch * batch_size
         for batch in loader:
-            position["batch"] += 1
+            state.batch += 1
             yield batch
-        position["epoch"] += 1
-        position["batch"] = 0
+        state.epoch += 1
+        state.batch = 0
 
 
 def cosine_with_warmup(warmup_steps: int, max_steps: int):
@@ -298,14 +299,14 @@ def train_loop(loop_config: dict[str, Any], reporter) -> dict[str, Any]:
     scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
 
     # -- resume: Ray's restored checkpoint first, then --resume-from ---------------------------
-    position = {"step": 0, "epoch": 0, "batch": 0}
+    state = LoopState()
     resume_dir = reporter.get_checkpoint() or loop_config.get("resume_from")
     resumed = resume_dir is not None
     if resumed:
         saved = load_checkpoint(resume_dir, adaptation, optimizer, scheduler, scaler, param_names)
-        position = {k: int(saved[k]) for k in ("step", "epoch", "batch")}
+        state = LoopState(**{k: int(saved[k]) for k in ("step", "epoch", "batch")})
         if rank == 0:
-            _say(f"[train] resumed from {resume_dir} at step {position['step']}")
+            _say(f"[train] resumed from {resume_dir} at step {state.step}")
 
     # -- the loop: every report_every steps a report + checkpoint; the last one also evaluates ---
     tracker = _start_tracking(loop_config.get("mlflow"), cfg, rank, reporter, trial_name)
@@ -318,16 +319,14 @@ def train_loop(loop_config: dict[str, Any], reporter) -> dict[str, Any]:
         from lora_diffusion.system_metrics import start_monitor
 
         monitor = start_monitor(run_ref["tracking_uri"], run_ref["run_id"], rank, cfg.tracking.system_metrics_interval_s)
-    report = functools.partial(_report, cfg, reporter, adaptation, tokenizer, optimizer, scheduler, scaler, position,
-                               param_names, device, labels, tracker,
-                               adapter_uri=f"runs:/{run_ref['run_id']}/adapter" if run_ref.get("run_id") else None)
+    parts = LoopParts(cfg, reporter, adaptation, tokenizer, optimizer, scheduler, scaler, param_names, device, labels,
+                      tracker, adapter_uri=f"runs:/{run_ref['run_id']}/adapter" if run_ref.get("run_id") else None)
     ddp = hasattr(model, "no_sync")
-    stream = micro_batches(loader, sampler, position, tc.batch_size)
-    window = _Window(device)
-    last: dict[str, Any] = {}
+    stream = micro_batches(loader, sampler, state, tc.batch_size)
+    state.window = _Window(device)
     try:
-        while position["step"] < tc.max_steps:
-            step = position["step"] + 1  # the step being computed (1-based)
+        while state.step < tc.max_steps:
+            step = state.step + 1  # the step being computed (1-based)
             if tc.fail_at_step == step and not resumed:
                 raise RuntimeError(f"train.fail_at_step={step}: injected failure (testing hook; a resumed run goes past it)")
             torch.manual_seed(step_seed(tc.seed, rank, step) + 1)  # dropout
@@ -347,7 +346,7 @@ def train_loop(loop_config: dict[str, Any], reporter) -> dict[str, Any]:
                         loss = loss * float("nan")
                     scaler.scale(loss / tc.grad_accum).backward()
                 loss_total += float(loss.detach()) / tc.grad_accum
-                window.add(loss.detach(), stats, batch)
+                state.window.add(loss.detach(), stats, batch)
 
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
@@ -362,26 +361,26 @@ def train_loop(loop_config: dict[str, Any], reporter) -> dict[str, Any]:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            position["step"] = step
+            state.step = step
 
             validate = val_loader is not None and (step % tc.eval_every == 0 or step == tc.max_steps)
             if step % tc.report_every == 0 or step == tc.max_steps or (tc.eval_every > 0 and step % tc.eval_every == 0):
-                metrics = window.metrics(world)
+                metrics = state.window.metrics(world)
                 with torch.no_grad():
                     regs = {k: float(v) for k, v in adaptation.regularizers().items()}
                 metrics.update({
                     "reg_rank": regs.get("reg_rank", 0.0), "reg_orth": regs.get("reg_orth", 0.0), "lr": lr_used,
                     "peak_mem_mb": peak_memory_mb(device), "trainable_params": counts["trainable"],
-                    "total_params": counts["total"], "step": step, "epoch": position["epoch"],
+                    "total_params": counts["total"], "step": step, "epoch": state.epoch,
                 })
                 if validate:
                     metrics.update(validation_loss(adaptation, val_loader, cfg, mask_id, device, b1b2))
-                last = report(metrics, final=step == tc.max_steps)
-                window = _Window(device)
-        if not last:  # resumed at max_steps (e.g. a rerun of a finished run): still evaluate, save and log the adapter
-            last = report({"trainable_params": counts["trainable"], "total_params": counts["total"],
-                           "peak_mem_mb": peak_memory_mb(device), "step": position["step"], "epoch": position["epoch"]},
-                          final=True)
+                state.last = report_step(parts, state, metrics, final=step == tc.max_steps)
+                state.window = _Window(device)
+        if not state.last:  # resumed at max_steps (e.g. a rerun of a finished run): still evaluate, save and log the adapter
+            state.last = report_step(parts, state, {"trainable_params": counts["trainable"], "total_params": counts["total"],
+                                               "peak_mem_mb": peak_memory_mb(device), "step": state.step,
+                                               "epoch": state.epoch}, final=True)
     except BaseException as e:
         from lora_diffusion.faults import TRACKING, fault_of
         from lora_diffusion.system_metrics import stop_monitor
@@ -399,38 +398,71 @@ def train_loop(loop_config: dict[str, Any], reporter) -> dict[str, Any]:
     stop_monitor(monitor)
     if tracker is not None:
         tracker.end("FINISHED")
-        last["mlflow_run_id"] = tracker.run_id
-    return last
+        state.last["mlflow_run_id"] = tracker.run_id
+    return state.last
 
 
-def _report(cfg, reporter, adaptation, tokenizer, optimizer, scheduler, scaler, position, param_names, device, labels,
-            tracker, metrics: dict[str, Any], final: bool, adapter_uri: str | None = None) -> dict[str, Any]:
+# --------------------------------------------------------------------------- a report
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from one report to the next: where it stands (optimizer steps done; epoch and
+    batch of the data order, which `micro_batches` advances: a checkpoint saves all three), the window of
+    losses and timing since the last report, and the metrics of the last report."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    window: _Window | None = None
+    last: dict[str, Any] = field(default_factory=dict)
+
+    def position(self) -> dict[str, int]:
+        """What a checkpoint's train_state records of it."""
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch}
+
+
+@dataclass
+class LoopParts:
+    """What the loop built before its first step and every report uses (none of it is replaced by the loop)."""
+
+    cfg: Config
+    reporter: Any
+    adaptation: nn.Module
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    param_names: list[str]
+    device: torch.device
+    labels: dict[str, str]  # live-metric labels: trial, task, method
+    tracker: Any = None  # rank 0's RunTracker, when this loop logs to MLflow itself
+    adapter_uri: str | None = None  # the model card's runs:/<run>/adapter
+
+
+def report_step(parts: LoopParts, state: LoopState, metrics: dict[str, Any], final: bool) -> dict[str, Any]:
     """Rank 0 writes the checkpoint (its adapter with a model card; at the end the evaluation); every rank reports."""
-    rank = reporter.world_rank
+    p, cfg = parts, parts.cfg
     ckpt_dir = None
     try:
-        if rank == 0:
+        if p.reporter.world_rank == 0:
             ckpt_dir = Path(tempfile.mkdtemp(prefix="lora_diffusion_ckpt_"))
-            save_checkpoint(ckpt_dir, adaptation, cfg, optimizer, scheduler, scaler,
-                            {"step": position["step"], "epoch": position["epoch"], "batch": position["batch"]}, param_names)
+            save_checkpoint(ckpt_dir, p.adaptation, cfg, p.optimizer, p.scheduler, p.scaler, state.position(), p.param_names)
             if final and cfg.train.eval_at_end:
-                metrics.update(final_evaluation(adaptation, tokenizer, cfg, ckpt_dir))
+                metrics.update(final_evaluation(p.adaptation, p.tokenizer, cfg, ckpt_dir))
             from lora_diffusion.model_card import write_card
 
-            write_card(ckpt_dir / "adapter", cfg, metrics, position["step"], adapter_uri=adapter_uri)
+            write_card(ckpt_dir / "adapter", cfg, metrics, state.step, adapter_uri=p.adapter_uri)
             _say(progress_line(metrics, cfg.train.max_steps))
-            if tracker is not None:
-                tracker.log_metrics(metrics, step=position["step"])
+            if p.tracker is not None:
+                p.tracker.log_metrics(metrics, step=state.step)
                 if final:
-                    tracker.log_artifacts(ckpt_dir / "adapter", "adapter")
-                    tracker.log_artifact(ckpt_dir / "config.yaml")
-                    if (ckpt_dir / "eval").is_dir():
-                        tracker.log_artifacts(ckpt_dir / "eval", "eval")
-        if reporter.under_ray:
+                    p.tracker.log_checkpoint(ckpt_dir)
+        if p.reporter.under_ray:
             from lora_diffusion.live_metrics import publish
 
-            publish(metrics, labels)
-        reporter.report(metrics, checkpoint_dir=ckpt_dir)
+            publish(metrics, p.labels)
+        p.reporter.report(metrics, checkpoint_dir=ckpt_dir)
     finally:
         if ckpt_dir is not None:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -558,100 +590,6 @@ def keep_rendezvous_store_on_loopback() -> None:
 
     create.loopback_aware = True
     rendezvous._create_c10d_store = create
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> bool:
-    """Connect to $RAY_ADDRESS, or start a fresh local Ray cluster (token auth on, dashboard on 127.0.0.1).
-
-    Returns True when this call connected (the caller then calls `ray.shutdown()`). For a local
-    cluster, RAY_API_SERVER_ADDRESS points at its own dashboard: Ray Train's placement-group
-    cleaner asks the state API, and without it could ask another Ray cluster on the same host.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return True
-    kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": dashboard, "_node_ip_address": LOOPBACK,
-                              "runtime_env": QUIET_EXIT_RUNTIME_ENV}
-    quiet_ray_sigterm_exit()
-    if dashboard:
-        port = free_port()
-        kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    else:  # no API server of ours: make state-API calls fail here rather than reach another cluster's
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{free_port()}"
-    with loopback_only():
-        ray.init(**kwargs)
-    return True
-
-
-@contextlib.contextmanager
-def loopback_only():
-    """Around `ray.init(..., _node_ip_address="127.0.0.1")` of a local single-node cluster: every Ray
-    process then listens on 127.0.0.1 only.
-
-    Ray 2.60 replaces `_node_ip_address="127.0.0.1"` by the machine's routable address unless
-    `ray_constants.ENABLE_RAY_CLUSTER` is off (env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when
-    `ray` is imported); with the node address on loopback, the GCS, raylet, agents and workers bind
-    their gRPC and HTTP servers there. GLOO_SOCKET_IFNAME=lo keeps DDP's gloo pairs on loopback.
-    The Ray processes inherit this environment when they start; the driver's is restored after.
-    """
-    import ray._private.ray_constants as ray_constants
-
-    wanted = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
-    saved_env = {k: os.environ.get(k) for k in wanted}
-    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ.update(wanted)
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-LOOPBACK = "127.0.0.1"  # the node address of a local cluster we start (see loopback_only)
-# every worker of a local cluster we start runs this first (see quiet_ray_sigterm_exit)
-QUIET_EXIT_RUNTIME_ENV = {"worker_process_setup_hook": "lora_diffusion.train.quiet_ray_sigterm_exit"}
-
-
-def quiet_ray_sigterm_exit() -> None:
-    """Ray's SIGTERM handlers (driver and workers) raise SystemExit wherever Python happens to be. When that
-    is a weakref or GC callback (WeakSet._remove while a process shuts down), the exception cannot
-    propagate and Python prints it as "Exception ignored in ... Traceback ... SystemExit" at the end of a
-    successful sweep. Such a report, and only one raised by a Ray `sigterm_handler`, is dropped: the process
-    is already on its way out. Installed in the driver and, as a worker setup hook, in every Ray worker."""
-    if getattr(sys.unraisablehook, "quiet_ray_sigterm", False):
-        return
-    default = sys.unraisablehook
-
-    def hook(unraisable):
-        tb = unraisable.exc_traceback
-        from_ray = False
-        while tb is not None:
-            code = tb.tb_frame.f_code
-            from_ray |= code.co_name == "sigterm_handler" and f"{os.sep}ray{os.sep}" in code.co_filename
-            tb = tb.tb_next
-        if isinstance(unraisable.exc_value, SystemExit) and from_ray:
-            return
-        default(unraisable)
-
-    hook.quiet_ray_sigterm = True
-    sys.unraisablehook = hook
 
 
 # --------------------------------------------------------------------------- checks before any cluster time
@@ -797,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
-        connected = init_ray(dashboard=not args.no_dashboard)
+        connected, _ = start_ray(dashboard=not args.no_dashboard)
         result = make_trainer(cfg, loop_config).fit()
     except BaseException as e:  # noqa: BLE001 - every failure ends the MLflow run FAILED, then the command fails
         interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))

@@ -1,12 +1,8 @@
-"""`python -m lora_diffusion.tune`: the tuning service's command (lora_diffusion/sweep/cli.py).
-
-Interim step of the split into lora_diffusion/sweep/: this name is the sweep driver's module until its callers move."""
+"""`python -m lora_diffusion.tune SPACE.yaml ...`: the tuning service's command; the sweep driver is lora_diffusion/sweep/."""
 
 import sys
 
-from lora_diffusion.sweep import cli
+from lora_diffusion.sweep.cli import main
 
 if __name__ == "__main__":
-    sys.exit(cli.main())
-else:
-    sys.modules[__name__] = cli
+    sys.exit(main())

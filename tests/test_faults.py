@@ -236,13 +236,14 @@ def test_resume_records_trial_ends_mlflow_missed(tmp_path, monkeypatch):
     import ray.tune
     from mlflow import MlflowClient
 
-    from lora_diffusion import tune
     from lora_diffusion.config import load_config
-    from lora_diffusion.tracking import RunTracker
+    from lora_diffusion.sweep.resume import record_missed_ends
+    from lora_diffusion.sweep.runs import artifact_location
+    from lora_diffusion.tracking import RunTracker, ensure_experiment
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(None, ["model.base=builtin:tiny", "train.max_steps=20"])
-    exp_id = tune.ensure_experiment(uri, "s")
+    exp_id = ensure_experiment(uri, "s", artifact_location(uri, "s"))
     parent = RunTracker.start(uri, "s", tags={"run_type": "sweep", "sweep": "s"})
     runs = {}
     for tid, state in (("missed", "RUNNING"), ("known", "FINISHED")):
@@ -256,7 +257,7 @@ def test_resume_records_trial_ends_mlflow_missed(tmp_path, monkeypatch):
     sweep = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent.run_id, "base": cfg.to_dict(),
              "experiment": "s", "name": "s"}
     known_end = MlflowClient(uri).get_run(runs["known"]).info.end_time
-    tune.record_missed_ends(sweep, tmp_path)
+    record_missed_ends(sweep, tmp_path)
     missed = MlflowClient(uri).get_run(runs["missed"])
     assert missed.info.status == "FINISHED" and missed.data.tags["trial_state"] == "FINISHED"
     assert MlflowClient(uri).get_run(runs["known"]).info.end_time == known_end
@@ -424,7 +425,7 @@ def test_disk_full_mid_sweep(tmp_path):
             assert read_train_state(path)["step"] > 0
             load_file(str(Path(path) / "adapter" / "adapter_model.safetensors"))
             load_file(str(Path(path) / "train_state.safetensors"))
-        from lora_diffusion.tune import open_optuna_storage, optuna_storage_spec
+        from lora_diffusion.sweep.search import open_optuna_storage, optuna_storage_spec
 
         study = optuna.load_study(study_name="faults", storage=open_optuna_storage(optuna_storage_spec(exp_dir, None)))
         assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= 1

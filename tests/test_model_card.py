@@ -2,7 +2,7 @@
 
 - The adapter artifact of the run carries README.md with base, method and settings, task, data source,
   steps, metrics, commit, trainable parameters and the load command; that command really runs.
-- Registering the adapter (tune.register_best) gives a model version whose description is the card.
+- Registering the adapter (sweep.results.register_best) gives a model version whose description is the card.
 - The run has MLflow system metrics (system/*) and the node tag.
 """
 
@@ -86,7 +86,7 @@ def test_the_cards_load_command_runs(trained, monkeypatch, capsys):
 
 
 def test_registered_version_description_is_the_card(trained):
-    from lora_diffusion.tune import register_best
+    from lora_diffusion.sweep.results import register_best
 
     version = register_best(trained["uri"], "card-test", trained["run_id"], {"sweep": "cards", "metric": "eval_accuracy",
                                                                              "objective": "1.0"})

@@ -305,6 +305,7 @@ def test_tune_dry_run_runs_the_real_checks(tmp_path, capsys, no_ray, monkeypatch
 def test_tune_refuses_to_restore_a_sweep_others_could_have_written(problem, parts, data, tmp_path, capsys, no_ray,
                                                                     monkeypatch):
     from lora_diffusion import tune
+    from lora_diffusion.sweep.resume import SWEEP_FILE
 
     monkeypatch.chdir(tmp_path)
     space = write_space(tmp_path, TINY)
@@ -313,7 +314,7 @@ def test_tune_refuses_to_restore_a_sweep_others_could_have_written(problem, part
     exp.mkdir(parents=True, mode=0o755)
     os.chmod(storage, 0o755)
     os.chmod(exp, 0o755)
-    (exp / tune.SWEEP_FILE).write_text("{}")
+    (exp / SWEEP_FILE).write_text("{}")
     (exp / "tuner.pkl").write_bytes(b"planted")
     os.chmod(exp / "tuner.pkl", 0o644)
     if problem == "group_writable":
@@ -406,7 +407,7 @@ def test_a_systemexit_from_rays_sigterm_handler_in_a_gc_callback_is_not_printed(
     shutdown) is reported by Python as 'Exception ignored ... Traceback'. The hook drops that one report only."""
     import weakref
 
-    from lora_diffusion.train import quiet_ray_sigterm_exit
+    from lora_diffusion.ray_runtime import quiet_ray_sigterm_exit
 
     saved = sys.unraisablehook
     reported = []

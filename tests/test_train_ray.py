@@ -26,11 +26,11 @@ pytestmark = [pytest.mark.ray]
 def ray_cluster():
     import ray
 
-    from lora_diffusion.train import init_ray
+    from lora_diffusion.ray_runtime import start_ray
 
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     assert not ray.is_initialized()
-    init_ray(num_cpus=2, dashboard=True)
+    start_ray(num_cpus=2, dashboard=True)
     yield
     ray.shutdown()
     if saved is None:

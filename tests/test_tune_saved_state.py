@@ -1,4 +1,4 @@
-"""tune.save_tune_decisions: Ray Tune 2.60 can save a trial whose own process was lost with its node as
+"""sweep.resume.save_tune_decisions: Ray Tune 2.60 can save a trial whose own process was lost with its node as
 RUNNING although it recorded the trial ERROR (seen on the local 2-node SLURM: console "1 ERROR", error.txt
 written, experiment_state-*.json "status": "RUNNING"; the sweep then called it unfinished and exited 130).
 The driver writes Tune's final in-memory state into the saved experiment state. Real Ray Trial objects
@@ -12,7 +12,7 @@ import json
 from ray.train._internal.storage import StorageContext
 from ray.tune.experiment import Trial
 
-from lora_diffusion.tune import save_tune_decisions
+from lora_diffusion.sweep.resume import save_tune_decisions
 
 
 def trial(tmp_path, tid: str, status: str) -> Trial:
@@ -46,7 +46,7 @@ def test_no_saved_state_is_no_change(tmp_path):
     assert save_tune_decisions(tmp_path, [trial(tmp_path, "a", Trial.ERROR)]) == []
 
 
-class CrashedTrial:  # what _error_line reads of a Ray Trial in on_trial_error, before Tune synced its error file
+class CrashedTrial:  # what error_line reads of a Ray Trial in on_trial_error, before Tune synced its error file
     def __init__(self, error_file):
         self.error_file = error_file
 
@@ -55,10 +55,10 @@ class CrashedTrial:  # what _error_line reads of a Ray Trial in on_trial_error, 
 
 
 def test_the_error_of_a_trial_lost_with_its_node_is_read_from_the_drivers_error_file(tmp_path):
-    from lora_diffusion.tune import _error_line
+    from lora_diffusion.sweep.states import error_line
 
     f = tmp_path / "error.txt"
     f.write_text("Failure # 1 (occurred at 2026-12-01_16-34-42)\nThe actor 5eb2 is unavailable: The actor is temporarily "
                  "unavailable: RpcError: RPC error: Socket closed rpc_code: 14.\n")
-    assert _error_line(CrashedTrial(str(f))).startswith("The actor 5eb2 is unavailable: ")
-    assert _error_line(CrashedTrial(None)) == "trial failed (no error recorded by Ray)"
+    assert error_line(CrashedTrial(str(f))).startswith("The actor 5eb2 is unavailable: ")
+    assert error_line(CrashedTrial(None)) == "trial failed (no error recorded by Ray)"
