@@ -100,6 +100,11 @@ class Denoiser(nn.Module):
     def backbone(self) -> nn.Module:
         return self.mlm.base_model
 
+    @property
+    def head_module(self) -> nn.Module:
+        """The vocabulary head itself (what `head` applies), e.g. to hook or profile it."""
+        return self._head
+
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.mlm.get_input_embeddings()(ids)
 

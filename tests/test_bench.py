@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_diffusion import bench
+from lora_diffusion.bench import common
+from lora_diffusion.bench.__main__ import main
 from lora_diffusion.config import METHOD_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def run_suite(suite: str, out: Path, *extra: str, timeout: int = 600) -> tuple[d
 
 def check_common(result: dict, md: str, suite: str) -> None:
     assert result["suite"] == suite and result["size"] == "smoke"
-    assert result["non_finite"] == [] and bench.check_finite(result) == []
+    assert result["non_finite"] == [] and common.check_finite(result) == []
     m = result["machine"]
     for key in ("date", "cpu_count", "torch_threads", "device", "torch", "git_commit"):
         assert m[key] not in (None, ""), key
@@ -174,7 +175,7 @@ def test_quality_smoke(tmp_path):
     (["step", "--smoke", "--set", "model.base=minilm"], "only method.<method>.* and diffusion.* keys"),
 ])
 def test_bad_input(argv, needle, tmp_path, capsys):
-    assert bench.main([*argv, "--out", str(tmp_path)]) == 2
+    assert main([*argv, "--out", str(tmp_path)]) == 2
     assert needle in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
 
@@ -189,7 +190,7 @@ def test_bad_input_through_the_command(tmp_path):
 
 def test_quality_needs_real_data_unless_smoke(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LORA_DIFFUSION_DATA_DIR", raising=False)
-    assert bench.main(["quality", "--quick", "--out", str(tmp_path)]) == 2
+    assert main(["quality", "--quick", "--out", str(tmp_path)]) == 2
     assert "give --data-dir" in capsys.readouterr().err
 
 
@@ -198,7 +199,7 @@ def test_cuda_refused_without_gpu(tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert bench.main(["step", "--smoke", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert main(["step", "--smoke", "--device", "cuda", "--out", str(tmp_path)]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
 
 
@@ -208,36 +209,36 @@ def test_cuda_refused_without_gpu(tmp_path, capsys):
 def test_machine_info_names_the_commit_in_short_form(tmp_path):
     from lora_diffusion.tracking import git_commit
 
-    short = bench.machine_info()["git_commit"]
+    short = common.machine_info()["git_commit"]
     assert short == git_commit(short=True) and git_commit().startswith(short) and 7 <= len(short) < 40
     assert git_commit(tmp_path, short=True) is None  # outside a checkout (the bench writes "unknown" then)
 
 
 def test_goal_met_and_missed():
-    assert bench.goal("x", 1.2, 1.3)["met"] is True
-    assert bench.goal("x", 1.4, 1.3)["met"] is False
-    assert bench.goal("x", 0.98, 0.97, ">=")["met"] is True
-    assert bench.goal("x", float("nan"), 1.0)["met"] is False  # never "met" on a missing figure
+    assert common.goal("x", 1.2, 1.3)["met"] is True
+    assert common.goal("x", 1.4, 1.3)["met"] is False
+    assert common.goal("x", 0.98, 0.97, ">=")["met"] is True
+    assert common.goal("x", float("nan"), 1.0)["met"] is False  # never "met" on a missing figure
     with pytest.raises(ValueError):
-        bench.goal("x", 1.0, 1.0, "<")
+        common.goal("x", 1.0, 1.0, "<")
 
 
 def test_check_finite_names_every_bad_value():
-    assert bench.check_finite({"a": 1.0, "b": [1, {"c": 2.0}]}) == []
-    assert bench.check_finite({"a": float("nan"), "b": [1.0, {"c": float("inf")}]}) == ["a", "b[1].c"]
+    assert common.check_finite({"a": 1.0, "b": [1, {"c": 2.0}]}) == []
+    assert common.check_finite({"a": float("nan"), "b": [1.0, {"c": float("inf")}]}) == ["a", "b[1].c"]
 
 
 def test_median_mean_std_and_fmt():
-    assert bench.median([3.0, 1.0, 2.0]) == 2.0 and bench.median([1.0, 2.0, 3.0, 4.0]) == 2.5
-    mu, sd = bench.mean_std([1.0, 2.0, 3.0])
+    assert common.median([3.0, 1.0, 2.0]) == 2.0 and common.median([1.0, 2.0, 3.0, 4.0]) == 2.5
+    mu, sd = common.mean_std([1.0, 2.0, 3.0])
     assert mu == 2.0 and sd == pytest.approx(1.0)
-    assert bench.mean_std([5.0]) == (5.0, 0.0)
-    assert bench.fmt(1234567) == "1,234,567" and bench.fmt(0.0) == "0" and bench.fmt(True) == "yes"
-    assert bench.fmt(1.23456) == "1.23" and bench.fmt(1234.4) == "1,234" and bench.fmt(0.01234) == "0.012"
+    assert common.mean_std([5.0]) == (5.0, 0.0)
+    assert common.fmt(1234567) == "1,234,567" and common.fmt(0.0) == "0" and common.fmt(True) == "yes"
+    assert common.fmt(1.23456) == "1.23" and common.fmt(1234.4) == "1,234" and common.fmt(0.01234) == "0.012"
 
 
 def test_peak_memory_sees_an_allocation():
-    with bench.PeakMemory("cpu") as mem:
+    with common.PeakMemory("cpu") as mem:
         block = bytearray(64 * 2**20)
         for i in range(0, len(block), 4096):
             block[i] = 1
@@ -249,7 +250,7 @@ def test_peak_memory_sees_an_allocation():
 
 def test_synthetic_batch_follows_the_batch_contract(tiny_base):
     _, tok = tiny_base
-    b = bench.synthetic_batch(tok, batch_size=3, seq_len=24, target_len=5, instruction_len=4)
+    b = common.synthetic_batch(tok, batch_size=3, seq_len=24, target_len=5, instruction_len=4)
     ids = b["input_ids"]
     assert ids.shape == (3, 24) and b["attention_mask"].sum() == 3 * 24
     assert (ids[:, 0] == tok.cls_token_id).all() and (ids[:, 5] == tok.sep_token_id).all()
@@ -258,26 +259,103 @@ def test_synthetic_batch_follows_the_batch_contract(tiny_base):
     assert b["instruction_mask"][0].nonzero().flatten().tolist() == [1, 2, 3, 4]
     assert not (b["target_mask"] & b["instruction_mask"]).any()
     assert not (ids == tok.mask_token_id).any()
-    with pytest.raises(bench.BenchError):
-        bench.synthetic_batch(tok, 2, 10, 8)
+    with pytest.raises(common.BenchError):
+        common.synthetic_batch(tok, 2, 10, 8)
 
 
 def test_synthetic_sst2_loads_as_the_sst2_task(tmp_path):
     from lora_diffusion.config import load_config
     from lora_diffusion.data import load_split
 
-    folder = bench.synthetic_sst2(tmp_path, n_train=20, n_val=10)
+    folder = common.synthetic_sst2(tmp_path, n_train=20, n_val=10)
     cfg = load_config(None, [f"task.data_dir={folder}", f"task.cache_dir={tmp_path / 'cache'}"])
     train, val = load_split(cfg.task, "train"), load_split(cfg.task, "validation")
     assert len(train) == 20 and len(val) == 10
     assert set(train["label"]) <= {0, 1}
-    assert bench.resolve_data_dir(str(folder)) == str(folder.resolve())
-    with pytest.raises(bench.BenchError, match="missing sst2/train.jsonl"):
-        bench.resolve_data_dir(str(tmp_path / "nowhere"))
+    assert common.resolve_data_dir(str(folder)) == str(folder.resolve())
+    with pytest.raises(common.BenchError, match="missing sst2/train.jsonl"):
+        common.resolve_data_dir(str(tmp_path / "nowhere"))
 
 
 def test_run_isolated_returns_the_child_result_and_reports_failures():
-    out = bench.run_isolated("lora_diffusion.bench:machine_info", "cpu")
+    out = common.run_isolated("lora_diffusion.bench.common:machine_info", "cpu")
     assert out["device"] == "cpu" and out["cpu_count"] >= 1
-    with pytest.raises(bench.BenchError, match="failed"):
-        bench.run_isolated("lora_diffusion.bench:check_device", "tpu")
+    with pytest.raises(common.BenchError, match="failed"):
+        common.run_isolated("lora_diffusion.bench.common:check_device", "tpu")
+
+
+# --------------------------------------------------------------------------- a new suite is one file
+
+THROWAWAY_SUITE = '''"""throwaway: sums of a few integers, a suite that exists only for this test.
+
+It shows that a suite is one file: no registry, parser or output code to touch.
+"""
+
+from lora_diffusion.bench.common import goal, goals_table, int_list, machine_info, machine_line, table, with_options
+
+NAME = "throwaway"
+PRESETS = {"smoke": dict(n=3, values=[1, 2]), "quick": dict(n=30, values=[1, 2]), "full": dict(n=300, values=[1, 2])}
+
+
+def add_arguments(p):
+    p.add_argument("--n", type=int, help="terms per sum")
+    p.add_argument("--values", help="comma-separated integers")
+
+
+def run(args, size):
+    s = with_options(PRESETS[size], args, ("n",), positive=("n",))
+    if args.values:
+        s["values"] = int_list("--values", args.values)
+    rows = [{"value": v, "sum": v * s["n"]} for v in s["values"]]
+    return {"machine": machine_info(args.device), "settings": s, "rows": rows,
+            "goals": [goal("largest sum <= 1000", float(max(r["sum"] for r in rows)), 1000.0)]}
+
+
+def markdown(result):
+    return "\\n".join([f"### Benchmark `throwaway` ({result['size']})", "", machine_line(result["machine"]), "",
+                      table(result["rows"], [("value", "value"), ("sum", "sum")]), "", goals_table(result["goals"])])
+'''
+
+
+@pytest.fixture
+def throwaway_suite(tmp_path, monkeypatch):
+    """The package's search path plus a folder holding one new suite file (the package folder itself is not touched)."""
+    import lora_diffusion.bench as bench_pkg
+
+    folder = tmp_path / "extra_suites"
+    folder.mkdir()
+    (folder / "throwaway.py").write_text(THROWAWAY_SUITE)
+    (folder / "not_a_suite.py").write_text("HELPER = 1  # a module without the interface is no suite\n")
+    monkeypatch.setattr(bench_pkg, "__path__", [*bench_pkg.__path__, str(folder)])
+    for name in ("throwaway", "not_a_suite"):
+        monkeypatch.delitem(sys.modules, f"lora_diffusion.bench.{name}", raising=False)
+    bench_pkg.suites.cache_clear()
+    yield bench_pkg
+    bench_pkg.suites.cache_clear()
+    for name in ("throwaway", "not_a_suite"):
+        sys.modules.pop(f"lora_diffusion.bench.{name}", None)
+
+
+def test_a_new_suite_is_one_file(throwaway_suite, tmp_path, capsys):
+    from lora_diffusion.bench.__main__ import build_parser
+
+    found = throwaway_suite.suites()
+    assert set(found) == {"step", "sample", "ray", "asha", "quality", "throwaway"}  # not_a_suite, common: no interface
+    assert "throwaway" in build_parser().format_help() and "sums of a few integers" in build_parser().format_help()
+
+    out = tmp_path / "out"
+    assert main(["throwaway", "--smoke", "--values", "4,5", "--out", str(out)]) == 0
+    result = json.loads((out / "throwaway.json").read_text())
+    assert result["suite"] == "throwaway" and result["size"] == "smoke" and result["non_finite"] == []
+    assert result["rows"] == [{"value": 4, "sum": 12}, {"value": 5, "sum": 15}]
+    assert result["goals"][0]["met"] is True
+    md = (out / "throwaway.md").read_text()
+    assert "### Benchmark `throwaway` (smoke)" in md and "| 5 | 15 |" in md and result["command"] in md
+
+    # the shared option checks give it the same clear errors (exit 2, nothing written) as the built-in suites
+    bad = tmp_path / "bad"
+    assert main(["throwaway", "--smoke", "--n", "0", "--out", str(bad)]) == 2
+    assert main(["throwaway", "--smoke", "--values", "1,x", "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bench throwaway: --n 0: must be >= 1" in err and "--values '1,x': expected comma-separated integers" in err
+    assert not bad.exists()

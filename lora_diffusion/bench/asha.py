@@ -20,7 +20,12 @@ import tempfile
 import time
 from typing import Any
 
-from lora_diffusion.bench import BenchError, goal, goals_table, machine_info, machine_line, run_isolated, table
+from lora_diffusion.bench.common import (
+    BenchError, goal, goals_table, machine_info, machine_line, prepare_data, run_isolated, table, with_options,
+)
+from lora_diffusion.bench.ray_overhead import tune_sweep
+
+NAME = "asha"
 
 NOISE_REL = 0.02
 
@@ -44,19 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
-    from lora_diffusion.bench_ray import prepare_data
-
-    s = dict(PRESETS[size])
-    for key in ("base", "trials", "trial_steps", "trial_report_every"):
-        if getattr(args, key, None) is not None:
-            s[key] = getattr(args, key)
-    if args.threads is not None:
-        s["threads"] = args.threads
+    s = with_options(PRESETS[size], args, ("base", "trials", "trial_steps", "trial_report_every"),
+                     positive=("trials", "trial_steps", "trial_report_every"))
     if s["threads"] is None:
         s["threads"] = max(1, (os.cpu_count() or 2) - 1)
-    for key in ("trials", "trial_steps", "trial_report_every"):
-        if s[key] < 1:
-            raise BenchError(f"--{key.replace('_', '-')} {s[key]}: must be >= 1")
     if s["trial_steps"] < 2 * s["trial_report_every"]:
         raise BenchError(f"--trial-steps {s['trial_steps']} / --report-every {s['trial_report_every']}: ASHA needs at "
                          "least 2 reports per trial")
@@ -75,7 +71,7 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
             spec = {**s, "work": work, "data_dir": data_dir, "sweep_name": f"bench-asha-{name}", "params": params,
                     "metric": "val_loss", "mode": "min", "scheduler": scheduler, "extra_overrides": extra}
             t0 = time.perf_counter()
-            runs[name] = run_isolated("lora_diffusion.bench_ray:tune_sweep", spec)
+            runs[name] = run_isolated(f"{tune_sweep.__module__}:{tune_sweep.__name__}", spec)
             print(f"[asha] {name}: {time.perf_counter() - t0:.0f} s", flush=True)
 
     rows = []

@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from lora_diffusion.bench import (
+from lora_diffusion.bench.common import (
     BenchError, PeakMemory, goal, goals_table, machine_info, machine_line, median, run_isolated, synthetic_batch,
-    table, time_calls,
+    table, time_calls, with_options,
 )
 from lora_diffusion.config import METHOD_NAMES, ConfigError, load_config
+
+NAME = "step"
 
 FLOOR = "base_forward"
 
@@ -214,7 +215,7 @@ def _profile(step, denoiser, adaptation, device: str, n: int) -> dict[str, Any]:
 
     handles: list = []
     _labelled(denoiser.backbone, "base (transformer)", handles)
-    _labelled(denoiser._head, "head (vocabulary)", handles)
+    _labelled(denoiser.head_module, "head (vocabulary)", handles)
     _labelled(denoiser.time_embed, "base timestep embedding", handles)
     if adaptation is not None:
         base_ids = {id(m) for m in denoiser.modules()}
@@ -257,15 +258,8 @@ def _profile(step, denoiser, adaptation, device: str, n: int) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
-    preset = dict(PRESETS[size])
-    for key in ("base", "batch_size", "seq_len", "target_len", "steps", "warmup"):
-        if getattr(args, key, None) is not None:
-            preset[key] = getattr(args, key)
-    if args.threads is not None:
-        preset["threads"] = args.threads
-    for key in ("batch_size", "seq_len", "target_len", "steps"):
-        if preset[key] < 1:
-            raise BenchError(f"--{key.replace('_', '-')} {preset[key]}: must be >= 1")
+    preset = with_options(PRESETS[size], args, ("base", "batch_size", "seq_len", "target_len", "steps", "warmup"),
+                          positive=("batch_size", "seq_len", "target_len", "steps"))
     if preset["warmup"] < 0:
         raise BenchError(f"--warmup {preset['warmup']}: must be >= 0")
     methods = list(METHOD_NAMES)
@@ -288,8 +282,8 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
     for name in [FLOOR, *methods]:
         print(f"[step] {name} …", flush=True)
         t0 = time.perf_counter()
-        r = run_isolated("lora_diffusion.bench_step:measure", {**spec, "method": name,
-                                                                    "profile": args.profile != "never" and name == "lora_diffusion"})
+        r = run_isolated(f"{__name__}:measure", {**spec, "method": name,
+                                                      "profile": args.profile != "never" and name == "lora_diffusion"})
         r["wall_s"] = time.perf_counter() - t0
         print(f"[step] {name}: {r['step_ms']:.1f} ms/step, peak {r['peak_mb']:.0f} MB (+{r['mem_increase_mb']:.0f})", flush=True)
         rows.append(r)

@@ -9,7 +9,7 @@
    `--lr method=value` to change) by the project's training loop (`train.train_loop`, `LocalReporter`,
    no Ray), one process per method (--smoke: one for all).
 3. The final adapter is reloaded from its checkpoint folder (`adapter.load_adapter`) and evaluated
-   on the validation split (`evaluation.evaluate`, the same evaluation for every method).
+   on the validation split (`scoring.evaluate`, the same evaluation for every method).
 
 SST-2 (`--task sst2`, the default) reports per method, mean ± std over seeds: accuracy of the
 generated label word (an output that is no label word counts as wrong), rank-classification accuracy
@@ -42,11 +42,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from lora_diffusion.bench import (
-    BenchError, goal, goals_table, machine_info, machine_line, resolve_data_dir, run_isolated, synthetic_sst2, table,
+from lora_diffusion.bench.common import (
+    BenchError, goal, goals_table, int_list, machine_info, machine_line, resolve_data_dir, run_isolated, synthetic_sst2,
+    table, with_options,
 )
 from lora_diffusion.config import METHOD_NAMES
 from lora_diffusion.stats import ci95, mean_std, paired_bootstrap, paired_t_test
+
+NAME = "quality"
 
 # Learning rate per method at this budget (unweighted loss, batch 16, a few hundred steps).
 LR = {"lora_diffusion": 5e-3, "weight_lora": 2e-3, "adapters": 1e-3, "prefix_tuning": 5e-3, "bitfit": 3e-3,
@@ -111,27 +114,20 @@ def _positive_int(flag: str, text: str) -> int:
 
 
 def _settings(args: argparse.Namespace, size: str) -> dict[str, Any]:
-    s = dict(PRESETS[size])
+    preset = dict(PRESETS[size])
     if args.task != "sst2" and size == "quick":
-        s.update(TASK_SIZES[args.task])
+        preset.update(TASK_SIZES[args.task])
     elif args.task != "sst2" and size == "full":  # the full budget, at the task's lengths and sampler steps
-        s.update({k: TASK_SIZES[args.task][k] for k in ("max_length", "sampling_steps")})
+        preset.update({k: TASK_SIZES[args.task][k] for k in ("max_length", "sampling_steps")})
+    if args.pretrain_steps is not None and args.pretrain_steps < 0:
+        raise BenchError(f"--pretrain-steps {args.pretrain_steps}: must be >= 1 (or 0: no pretraining)")
+    s = with_options(preset, args, ("base_model", "pretrain_steps", "steps", "batch_size", "subset", "eval_limit"),
+                     positive=("steps", "batch_size", "subset", "eval_limit"))
     s["task"] = args.task
-    for key in ("base_model", "pretrain_steps", "steps", "batch_size", "subset", "eval_limit"):
-        v = getattr(args, key, None)
-        if v is not None:
-            if key != "base_model" and (v < 1 and not (key == "pretrain_steps" and v == 0)):
-                raise BenchError(f"--{key.replace('_', '-')} {v}: must be >= 1" + (" (or 0: no pretraining)" if key == "pretrain_steps" else ""))
-            s[key] = v
-    if args.threads is not None:
-        s["threads"] = args.threads
     if s["threads"] is None:
         s["threads"] = os.cpu_count() or 1
     if args.seeds:
-        try:
-            s["seeds"] = [int(x) for x in args.seeds.split(",") if x.strip()]
-        except ValueError:
-            raise BenchError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+        s["seeds"] = int_list("--seeds", args.seeds)
     if not s["seeds"]:
         raise BenchError("--seeds: give at least one seed")
     if len(set(s["seeds"])) != len(s["seeds"]):
@@ -226,8 +222,8 @@ def train_eval(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from lora_diffusion.adapter import load_adapter
-    from lora_diffusion.evaluation import evaluate
-    from lora_diffusion.reporting import LocalReporter
+    from lora_diffusion.scoring import evaluate
+    from lora_diffusion.train_reporters import LocalReporter
     from lora_diffusion.train import train_loop
 
     torch.set_num_threads(spec["threads"])
@@ -431,13 +427,13 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
         common = {**s, "base": base, "data_dir": data_dir, "work": work}
         reference: dict[str, Any] = {}
         if s["probe"]:
-            reference["probe"] = run_isolated("lora_diffusion.bench_quality:probe", common, timeout=3600, stream=True)
+            reference["probe"] = run_isolated(f"{__name__}:probe", common, timeout=3600, stream=True)
         if task != "sst2":
-            reference["trivial"] = run_isolated("lora_diffusion.bench_quality:trivial_baseline", common, timeout=3600)
+            reference["trivial"] = run_isolated(f"{__name__}:trivial_baseline", common, timeout=3600)
         if size == "smoke":
-            results = run_isolated("lora_diffusion.bench_quality:train_eval_many", common, timeout=3600, stream=True)
+            results = run_isolated(f"{__name__}:train_eval_many", common, timeout=3600, stream=True)
         else:
-            results = [run_isolated("lora_diffusion.bench_quality:train_eval", {**common, "method": m, "lr": s["lr"][m]},
+            results = [run_isolated(f"{__name__}:train_eval", {**common, "method": m, "lr": s["lr"][m]},
                                     timeout=6 * 3600, stream=True) for m in s["methods"]]
 
     rows = [_row(r["method"], s["lr"][r["method"]], r["runs"], task) for r in results]

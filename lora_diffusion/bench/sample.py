@@ -20,10 +20,13 @@ import argparse
 import time
 from typing import Any
 
-from lora_diffusion.bench import (
-    BenchError, goal, goals_table, machine_info, machine_line, median, sync, synthetic_batch, table,
+from lora_diffusion.bench.common import (
+    BenchError, goal, goals_table, int_list, machine_info, machine_line, median, sync, synthetic_batch, table,
+    with_options,
 )
 from lora_diffusion.config import METHOD_NAMES
+
+NAME = "sample"
 
 BASE = "base (no adapter)"
 
@@ -51,20 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace, size: str) -> dict[str, Any]:
-    s = dict(PRESETS[size])
-    for key in ("base", "batch_size", "seq_len", "target_len", "repeats"):
-        if getattr(args, key, None) is not None:
-            s[key] = getattr(args, key)
-    if args.threads is not None:
-        s["threads"] = args.threads
+    s = with_options(PRESETS[size], args, ("base", "batch_size", "seq_len", "target_len", "repeats"),
+                     positive=("batch_size", "seq_len", "target_len", "repeats"))
     if args.step_counts:
-        try:
-            s["step_counts"] = [int(x) for x in args.step_counts.split(",") if x.strip()]
-        except ValueError:
-            raise BenchError(f"--step-counts {args.step_counts!r}: expected comma-separated integers, e.g. 4,8,16") from None
-    for key in ("batch_size", "seq_len", "target_len", "repeats"):
-        if s[key] < 1:
-            raise BenchError(f"--{key.replace('_', '-')} {s[key]}: must be >= 1")
+        s["step_counts"] = int_list("--step-counts", args.step_counts, "4,8,16")
     if not s["step_counts"] or min(s["step_counts"]) < 1:
         raise BenchError(f"--step-counts {s['step_counts']}: give at least one count, each >= 1")
     methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]

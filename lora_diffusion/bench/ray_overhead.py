@@ -1,6 +1,6 @@
 """ray: the training loop plainly vs inside Ray Train, and Tune's per-trial orchestration overhead.
 
-1. Plain vs Ray Train, in one fresh process that starts one local Ray cluster (`train.init_ray`):
+1. Plain vs Ray Train, in one fresh process that starts one local Ray cluster (`ray_runtime.start_ray`):
    after an untimed warm-up call (imports, tokenisation cache), the same N-step config runs
    alternately plainly (`train.train_loop` with a `LocalReporter`, in this process) and inside
    Ray Train (`fit()` of a `TorchTrainer` with `train.make_trainer`'s scaling: one worker, the
@@ -32,10 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lora_diffusion.bench import (
-    BenchError, goal, goals_table, machine_info, machine_line, median, resolve_data_dir, run_isolated, synthetic_sst2,
-    table,
+from lora_diffusion.bench.common import (
+    BenchError, goal, goals_table, machine_info, machine_line, median, prepare_data, run_isolated, table, with_options,
 )
+
+NAME = "ray"
 
 PRESETS = {
     "smoke": dict(base="builtin:tiny", max_length=48, batch_size=8, steps=12, report_every=3, subset=128, threads=1,
@@ -59,17 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace, size: str) -> dict[str, Any]:
-    s = dict(PRESETS[size])
-    for key in ("base", "steps", "report_every", "batch_size", "trials", "trial_steps"):
-        if getattr(args, key, None) is not None:
-            s[key] = getattr(args, key)
-    if args.threads is not None:
-        s["threads"] = args.threads
+    keys = ("steps", "report_every", "batch_size", "trials", "trial_steps")
+    s = with_options(PRESETS[size], args, ("base", *keys), positive=keys)
     if s["threads"] is None:
         s["threads"] = max(1, (os.cpu_count() or 2) - 1)
-    for key in ("steps", "report_every", "batch_size", "trials", "trial_steps"):
-        if s[key] < 1:
-            raise BenchError(f"--{key.replace('_', '-')} {s[key]}: must be >= 1")
     if s["steps"] < 3 * s["report_every"]:
         raise BenchError(f"--steps {s['steps']} / --report-every {s['report_every']}: need at least 3 reports to measure steps/s")
     from lora_diffusion.config import METHOD_NAMES
@@ -129,7 +123,7 @@ def steps_per_s(reports: list[dict[str, Any]], batch_size: int) -> dict[str, flo
 
 def _plain_run(spec: dict[str, Any], steps: int, report_every: int, name: str) -> dict[str, Any]:
     """One plain `train_loop` call (LocalReporter); its wall time and time-stamped reports."""
-    from lora_diffusion.reporting import LocalReporter
+    from lora_diffusion.train_reporters import LocalReporter
     from lora_diffusion.train import train_loop
 
     rep = TimedReporter(LocalReporter(Path(spec["work"]) / name))
@@ -143,7 +137,7 @@ def _plain_run(spec: dict[str, Any], steps: int, report_every: int, name: str) -
 
 def ray_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     """Ray Train worker: `train_loop` with the Ray Train reporter, time-stamped; returns the reports."""
-    from lora_diffusion.reporting import RayTrainReporter
+    from lora_diffusion.train_reporters import RayTrainReporter
     from lora_diffusion.train import train_loop
 
     rep = TimedReporter(RayTrainReporter())
@@ -158,14 +152,15 @@ def train_runs(spec: dict[str, Any]) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from lora_diffusion.config import config_from_dict
-    from lora_diffusion.train import init_ray, make_trainer
+    from lora_diffusion.ray_runtime import start_ray
+    from lora_diffusion.train import make_trainer
 
     work = spec["work"]
     _plain_run(spec, 2, 1, "warmup")
     cfg_dict = run_config_dict(spec, spec["data_dir"], work, spec["steps"], spec["report_every"])
     loop_config = {"config": cfg_dict, "mlflow": None, "resume_from": None, "trial_name": "ray"}
     t0 = time.perf_counter()
-    connected = init_ray(num_cpus=spec["threads"], dashboard=False)
+    connected, _ = start_ray(num_cpus=spec["threads"], dashboard=False)
     init_s = time.perf_counter() - t0
     runs = []
     try:
@@ -262,15 +257,6 @@ def _flat_overrides(spec: dict[str, Any], steps: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the suite
 
 
-def prepare_data(args: argparse.Namespace, work: str, size: str) -> tuple[str, str]:
-    """(data folder, description): the given one, else a synthetic SST-2 folder in `work`."""
-    d = resolve_data_dir(getattr(args, "data_dir", None))
-    if d:
-        return d, f"local folder {d}"
-    n = {"smoke": 256, "quick": 2048, "full": 8192}[size]
-    return str(synthetic_sst2(Path(work) / "data", n_train=n, n_val=128)), f"synthetic SST-2 ({n} train rows)"
-
-
 def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
     s = _settings(args, size)
     order = ["plain", "ray"] if size == "smoke" else ["plain", "ray", "ray", "plain"]
@@ -278,13 +264,13 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
         data_dir, data_desc = prepare_data(args, work, size)
         spec = {**s, "work": work, "data_dir": data_dir}
         print(f"[ray] {' / '.join(order)}: {s['steps']} steps each …", flush=True)
-        tr = run_isolated("lora_diffusion.bench_ray:train_runs", {**spec, "order": order})
+        tr = run_isolated(f"{__name__}:train_runs", {**spec, "order": order})
         for r in tr["runs"]:
             print(f"[ray] {r['kind']}: {r['wall_s']:.1f} s", flush=True)
         print(f"[ray] Tune sweep of {s['trials']} one-worker trials …", flush=True)
         tspec = {**spec, "sweep_name": "bench-tune-overhead", "metric": "loss", "mode": "min", "scheduler": {"name": "none"},
                  "params": {"train.lr": {"type": "log_float", "low": 1e-4, "high": 1e-3}}, "plain_trial_bracket": True}
-        t = run_isolated("lora_diffusion.bench_ray:tune_sweep", tspec)
+        t = run_isolated(f"{__name__}:tune_sweep", tspec)
 
     runs = tr["runs"]
     for r in runs:

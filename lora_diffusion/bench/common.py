@@ -1,22 +1,5 @@
-"""Benchmarks: `python -m lora_diffusion.bench <suite> [--quick | --smoke] [--device cuda] [--out DIR]`.
-
-Suites (one file each, `lora_diffusion/bench_<suite>.py`):
-
-    step     train-step time, peak memory, parameters and adapter size of every method,
-             against the frozen base's forward (the floor) and weight LoRA
-    sample   generation time per example with and without the adapter (greedy / low-confidence)
-    ray      the training loop plainly vs inside Ray Train; Tune's per-trial overhead
-    asha     the same sweep with and without ASHA: trained steps and best objective
-    quality  real SST-2: every method, same budget, 3 seeds: accuracy, denoising accuracy, trainable %
-
-Sizes: `--smoke` (seconds, for CI), `--quick` (minutes on 2 CPU cores), neither = full (a GPU).
-`--smoke` wins when both are given. Every suite measures ratios inside one run on one machine:
-absolute times vary between machines and runs, so compare ratios, and rerun the suite rather
-than mixing numbers from different runs.
-
-Output: `<out>/<suite>.json` (machine info, settings, rows, goals with met / missed) and
-`<out>/<suite>.md` (the same as a Markdown table, also printed). Default out: `bench_results/`.
-"""
+"""What the benchmark suites share: errors, machine info, memory and timing, synthetic data,
+presets and options, goals, isolated child processes, tables and the JSON + Markdown output."""
 
 from __future__ import annotations
 
@@ -38,7 +21,6 @@ from typing import Any, Callable
 
 from lora_diffusion.tracking import git_commit
 
-SUITES = ("step", "sample", "ray", "asha", "quality")
 SIZES = ("smoke", "quick", "full")
 
 
@@ -284,6 +266,56 @@ def resolve_data_dir(data_dir: str | None, task: str = "sst2", splits: tuple[str
     return str(Path(d).resolve())
 
 
+def prepare_data(args: argparse.Namespace, work: str, size: str) -> tuple[str, str]:
+    """(data folder, description): --data-dir (or $LORA_DIFFUSION_DATA_DIR), else a synthetic SST-2 folder in `work`."""
+    d = resolve_data_dir(getattr(args, "data_dir", None))
+    if d:
+        return d, f"local folder {d}"
+    n = {"smoke": 256, "quick": 2048, "full": 8192}[size]
+    return str(synthetic_sst2(Path(work) / "data", n_train=n, n_val=128)), f"synthetic SST-2 ({n} train rows)"
+
+
+# --------------------------------------------------------------------------- sizes, presets and options
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every suite has (its own come from its `add_arguments`)."""
+    p.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
+    p.add_argument("--smoke", action="store_true", help="seconds, for CI (wins over --quick)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:<index>")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the size's preset)")
+    p.add_argument("--out", default="bench_results", help="folder for <suite>.json and <suite>.md")
+
+
+def size_of(args: argparse.Namespace) -> str:
+    """smoke, quick or full (--smoke wins over --quick)."""
+    return "smoke" if args.smoke else "quick" if args.quick else "full"
+
+
+def with_options(preset: dict[str, Any], args: argparse.Namespace, keys: tuple[str, ...],
+                 positive: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A copy of a size's `preset` with each of `keys` given on the command line (and --threads) put in;
+    every one of `positive` that is set must be >= 1 (BenchError naming the option)."""
+    s = dict(preset)
+    for key in keys:
+        if getattr(args, key, None) is not None:
+            s[key] = getattr(args, key)
+    if args.threads is not None:
+        s["threads"] = args.threads
+    for key in positive:
+        if s.get(key) is not None and s[key] < 1:
+            raise BenchError(f"--{key.replace('_', '-')} {s[key]}: must be >= 1")
+    return s
+
+
+def int_list(flag: str, text: str, example: str = "") -> list[int]:
+    """Comma-separated integers of an option such as --seeds 0,1,2 (BenchError naming the option otherwise)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BenchError(f"{flag} {text!r}: expected comma-separated integers" + (f", e.g. {example}" if example else "")) from None
+
+
 # --------------------------------------------------------------------------- goals
 
 
@@ -346,7 +378,8 @@ def run_isolated(func: str, spec: Any, timeout: float = 1800.0, env: dict[str, s
         return json.loads(out_file.read_text())
 
 
-def _worker(func: str, spec_file: str, out_file: str) -> None:
+def run_worker(func: str, spec_file: str, out_file: str) -> None:
+    """The child side of `run_isolated` (`python -m lora_diffusion.bench _worker FUNC SPEC OUT`)."""
     module, name = func.split(":")
     fn = getattr(importlib.import_module(module), name)
     result = fn(json.loads(Path(spec_file).read_text()))
@@ -420,70 +453,3 @@ def write_result(result: dict[str, Any], markdown: str, out_dir: str | os.PathLi
     json_path.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
     md_path.write_text(markdown + "\n")
     return json_path, md_path
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lora_diffusion.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
-    for suite in SUITES:
-        mod = importlib.import_module(f"lora_diffusion.bench_{suite}")
-        sp = sub.add_parser(suite, help=mod.__doc__.split("\n")[0].split(": ", 1)[-1], description=mod.__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        sp.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
-        sp.add_argument("--smoke", action="store_true", help="seconds, for CI (wins over --quick)")
-        sp.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:<index>")
-        sp.add_argument("--threads", type=int, default=None, help="torch threads (default: the size's preset)")
-        sp.add_argument("--out", default="bench_results", help="folder for <suite>.json and <suite>.md")
-        mod.add_arguments(sp)
-    return p
-
-
-def size_of(args: argparse.Namespace) -> str:
-    return "smoke" if args.smoke else "quick" if args.quick else "full"
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "_worker":
-        _worker(*argv[1:4])
-        return 0
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
-    mod = importlib.import_module(f"lora_diffusion.bench_{args.suite}")
-    try:
-        args.device = check_device(args.device)
-        if args.threads is not None and args.threads < 1:
-            raise BenchError(f"--threads {args.threads}: must be >= 1")
-        t0 = time.perf_counter()
-        result = mod.run(args, size_of(args))
-        result["wall_s"] = time.perf_counter() - t0
-    except BenchError as e:
-        print(f"bench {args.suite}: {e}", file=sys.stderr)
-        return 2
-    result = {"suite": args.suite, "size": size_of(args), "command": "python -m lora_diffusion.bench " + " ".join(argv), **result}
-    bad = check_finite(result)
-    result["non_finite"] = bad
-    md = mod.markdown(result)
-    md += f"\n\nCommand: `{result['command']}` ({result['wall_s']:.0f} s)\n"
-    if bad:
-        md += f"\nNon-finite values: {', '.join(bad)}\n"
-    json_path, md_path = write_result(result, md, args.out, args.suite)
-    print(md)
-    print(f"wrote {json_path} and {md_path}")
-    return 0
-
-
-if __name__ == "__main__":
-    # run the imported module's main, so that the suites' `BenchError` is the class caught there
-    from lora_diffusion.bench import main as _main
-
-    sys.exit(_main())
