@@ -15,6 +15,9 @@ dependent ranges, so every sampled config satisfies the constraints by construct
 - rank order (`constraints.rank_order: true`): `rank_early`, then `rank_mid <= rank_early`,
   then `rank_late <= rank_mid`, each range narrowed so the later ranks stay feasible.
 
+Each constraint is one `Constraint` class in `CONSTRAINTS` (its settings in the file's `constraints:`
+section, load-time check, sampling, check of a config, dry-run text); a new constraint is one class.
+
 Parameters under `method.<name>.` are automatically conditional on `method.name == <name>` when
 `method.name` is itself searched. The trial config is the base config plus the sampled values,
 with the same dotted keys as `Config.flat()`.
@@ -28,10 +31,10 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from lora_diffusion.config import (
     METHOD_NAMES,
@@ -106,6 +109,194 @@ RANK_KEYS = ("method.lora_diffusion.rank_early", "method.lora_diffusion.rank_mid
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
+# --------------------------------------------------------------------------- constraints
+
+
+class Constraint:
+    """A relation between searched parameters that every sampled config satisfies by construction.
+
+    A constraint is one subclass, listed in `CONSTRAINTS`:
+
+    - `settings`: its fields of the space file's `constraints:` section, name -> (type, pydantic Field);
+    - `keys`: the config keys it relates, sampled together in this order where the first searched one
+      appears in the file (none may have an "@variant"; as the group is sampled when its first member's
+      `when` holds, `validate` should require one `when` for all members);
+    - `what`: how error messages name those keys;
+    - `checked_alone`: False when the run config cannot check one key's value without the others
+      (load time then only types a searched range's ends, as floats, and `validate` checks them together);
+    - `active(space)`: whether it is in force in a space (a key searched, a setting switched on);
+    - `validate(where, space)`: at load time, a SpaceError when the ranges cannot satisfy it;
+    - `suggest(trial, space)`: the searched keys' values from an Optuna trial, ranges narrowed so it holds;
+    - `violations(cfg, space)`: what a trial config breaks (initial points, and a self-check of `sample`);
+    - `describe(space)`: its text in the dry run's `constraints:` line.
+    """
+
+    settings: ClassVar[dict[str, tuple[Any, Any]]] = {}
+    keys: ClassVar[tuple[str, ...]] = ()
+    what: ClassVar[str] = ""
+    checked_alone: ClassVar[bool] = True
+
+    def active(self, space: Space) -> bool:
+        return any(space.param(k) is not None for k in self.keys)
+
+    def validate(self, where: str, space: Space) -> None:
+        raise NotImplementedError
+
+    def suggest(self, trial, space: Space) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def violations(self, cfg: Config, space: Space) -> list[str]:
+        raise NotImplementedError
+
+    def describe(self, space: Space) -> str:
+        raise NotImplementedError
+
+
+class PhaseOrder(Constraint):
+    """0 < b1 < b2 < 1 with b2 - b1 >= phase_gap: `b1` first, then `b2` in [max(low, b1 + phase_gap), high]."""
+
+    # Smallest b2 - b1 when a phase boundary is searched (0 < b1 < b2 < 1 always holds).
+    settings = {"phase_gap": (float, Field(0.05, gt=0, lt=1))}
+    keys = PHASE_KEYS
+    what = "phase boundaries"
+    checked_alone = False  # the config checks b1 < b2 as a pair
+
+    @staticmethod
+    def _range(space: Space, key: str) -> tuple[float, float]:
+        p = space.param(key)
+        if p is None:
+            v = space.fixed(key)
+            return v, v
+        return p.low, p.high
+
+    def validate(self, where: str, space: Space) -> None:
+        gap = space.spec.constraints.phase_gap
+        k1, k2 = self.keys
+        for k in self.keys:
+            p = space.param(k)
+            if p is not None:
+                if p.type == "categorical" or p.step:
+                    raise SpaceError(f"{where}: params.{k}: phase boundaries are searched as continuous ranges (type: float, no step)")
+                if not (0 < p.low and p.high < 1):
+                    raise SpaceError(f"{where}: params.{k}: range [{_fmt(p.low)}, {_fmt(p.high)}] must lie inside (0, 1)")
+        p1, p2 = space.param(k1), space.param(k2)
+        if p1 is not None and p2 is not None and p1.when != p2.when:
+            raise SpaceError(f"{where}: params.{k1} and params.{k2}: must have the same `when` condition")
+        lo1, hi1 = self._range(space, k1)
+        lo2, hi2 = self._range(space, k2)
+        if lo1 > min(hi1, hi2 - gap) + 1e-12:
+            raise SpaceError(f"{where}: params {k1} in [{_fmt(lo1)}, {_fmt(hi1)}] and {k2} in [{_fmt(lo2)}, {_fmt(hi2)}]: "
+                             f"no b1 < b2 with b2 - b1 >= constraints.phase_gap={_fmt(gap)} (need b1.low + phase_gap <= b2.high)")
+
+    def suggest(self, trial, space: Space) -> dict[str, float]:
+        gap = space.spec.constraints.phase_gap
+        k1, k2 = self.keys
+        p1, p2 = space.param(k1), space.param(k2)
+        lo1, hi1 = self._range(space, k1)
+        lo2, hi2 = self._range(space, k2)
+        out: dict[str, float] = {}
+        b1 = p1.suggest(trial, lo1, min(hi1, hi2 - gap)) if p1 is not None else lo1
+        if p1 is not None:
+            out[k1] = b1
+        if p2 is not None:
+            out[k2] = p2.suggest(trial, max(lo2, b1 + gap), hi2)
+        return out
+
+    def violations(self, cfg: Config, space: Space) -> list[str]:
+        gap = space.spec.constraints.phase_gap
+        if cfg.method.name != "lora_diffusion":
+            return []
+        ld = cfg.method.lora_diffusion
+        if not (0 < ld.b1 < ld.b2 < 1) or ld.b2 - ld.b1 < gap - 1e-9:
+            return [f"b1={ld.b1}, b2={ld.b2}: need 0 < b1 < b2 < 1 and b2 - b1 >= {gap}"]
+        return []
+
+    def describe(self, space: Space) -> str:
+        return f"0 < b1 < b2 < 1, b2 - b1 >= {_fmt(space.spec.constraints.phase_gap)}"
+
+
+class RankOrder(Constraint):
+    """rank_early >= rank_mid >= rank_late: each rank drawn from its range narrowed by the one before it
+    and by what the later ranks need to stay feasible."""
+
+    # Keep rank_early >= rank_mid >= rank_late (LoRA-Diffusion's step-adaptive ranks).
+    settings = {"rank_order": (bool, Field(False))}
+    keys = RANK_KEYS
+    what = "ranks"
+
+    def active(self, space: Space) -> bool:
+        return space.spec.constraints.rank_order
+
+    @staticmethod
+    def _grid(space: Space, key: str) -> tuple[int, int, int]:
+        p = space.param(key)
+        if p is None:
+            v = int(space.fixed(key))
+            return v, v, 1
+        return int(p.low), int(p.high), int(p.step or 1)
+
+    def _floors(self, space: Space) -> list[int | None]:
+        """floor[i]: the smallest value rank i can take so that ranks i+1.. stay feasible (None: infeasible)."""
+        floors: list[int | None] = [None] * len(self.keys)
+        below = None
+        for i in range(len(self.keys) - 1, -1, -1):
+            lo, hi, step = self._grid(space, self.keys[i])
+            need = lo if below is None else max(lo, below)
+            first = lo + math.ceil((need - lo) / step) * step
+            if first > hi:
+                return floors
+            floors[i] = below = first
+        return floors
+
+    def validate(self, where: str, space: Space) -> None:
+        searched = [k for k in self.keys if space.param(k) is not None]
+        if not searched:
+            raise SpaceError(f"{where}: constraints.rank_order: true, but none of {', '.join(self.keys)} is searched")
+        conds = {repr(space.param(k).when) for k in searched}
+        if len(conds) > 1:
+            raise SpaceError(f"{where}: params {', '.join(searched)}: must have the same `when` condition under rank_order")
+        for k in searched:
+            if space.param(k).type != "int":
+                raise SpaceError(f"{where}: params.{k}: constraints.rank_order needs int ranges (type: int), got {space.param(k).type}")
+        if any(f is None for f in self._floors(space)):
+            ranges = ", ".join(f"{k.rsplit('.', 1)[1]} in [{a}, {b}]" if space.param(k) is not None else f"{k.rsplit('.', 1)[1]} = {a}"
+                               for k in self.keys for a, b, _ in [self._grid(space, k)])
+            raise SpaceError(f"{where}: constraints.rank_order: {ranges} admit no rank_early >= rank_mid >= rank_late")
+
+    def suggest(self, trial, space: Space) -> dict[str, int]:
+        floors = self._floors(space)
+        out: dict[str, int] = {}
+        prev = None
+        for i, key in enumerate(self.keys):
+            lo, hi, step = self._grid(space, key)
+            p = space.param(key)
+            if p is None:
+                prev = lo
+                continue
+            a = floors[i + 1] if i + 1 < len(self.keys) else lo
+            a = max(lo, a)
+            first = lo + math.ceil((a - lo) / step) * step
+            b = hi if prev is None else min(hi, prev)
+            last = lo + ((b - lo) // step) * step
+            prev = out[key] = p.suggest(trial, first, last)
+        return out
+
+    def violations(self, cfg: Config, space: Space) -> list[str]:
+        if cfg.method.name != "lora_diffusion":
+            return []
+        ld = cfg.method.lora_diffusion
+        if not (ld.rank_early >= ld.rank_mid >= ld.rank_late):
+            return [f"ranks {ld.rank_early}/{ld.rank_mid}/{ld.rank_late}: need rank_early >= rank_mid >= rank_late"]
+        return []
+
+    def describe(self, space: Space) -> str:
+        return "rank_early >= rank_mid >= rank_late"
+
+
+# Every constraint a space can use, in the order they are checked, described and reported.
+CONSTRAINTS: list[Constraint] = [PhaseOrder(), RankOrder()]
+
+
 # --------------------------------------------------------------------------- the file's schema
 
 
@@ -130,11 +321,9 @@ class ParamSpec(_Spec):
     when: dict[str, Scalar | list[Scalar]] | None = None
 
 
-class ConstraintsSpec(_Spec):
-    # Smallest b2 - b1 when a phase boundary is searched (0 < b1 < b2 < 1 always holds).
-    phase_gap: float = Field(0.05, gt=0, lt=1)
-    # Keep rank_early >= rank_mid >= rank_late (LoRA-Diffusion's step-adaptive ranks).
-    rank_order: bool = False
+# The file's `constraints:` section: every constraint's settings (e.g. {phase_gap: 0.1, rank_order: true}).
+ConstraintsSpec = create_model("ConstraintsSpec", __base__=_Spec,
+                               **{name: field for c in CONSTRAINTS for name, field in c.settings.items()})
 
 
 class SamplerSpec(_Spec):
@@ -258,6 +447,7 @@ class Space:
         self._by_key = {p.key: p for p in params}
         self._base_dict = base.to_dict()
         self._base_flat_all = flatten(self._base_dict)
+        self.constraints = [c for c in CONSTRAINTS if c.active(self)]  # the ones in force here
         self._plan = self._sampling_plan()
 
     def rebase(self, base: Config) -> None:
@@ -265,6 +455,14 @@ class Space:
         self.base = base
         self._base_dict = base.to_dict()
         self._base_flat_all = flatten(self._base_dict)
+
+    def param(self, key: str) -> Param | None:
+        """The searched parameter named `key` (None when it is not searched)."""
+        return self._by_key.get(key)
+
+    def fixed(self, key: str) -> Any:
+        """A config key's value in the base config."""
+        return self._base_flat_all[key]
 
     # -- settings -----------------------------------------------------------------------------
     @property
@@ -347,20 +545,18 @@ class Space:
         return {"trial": trial, "workers": [worker] * t.num_workers, "total": total}
 
     # -- sampling ------------------------------------------------------------------------------
-    def _sampling_plan(self) -> list[list[Param]]:
-        """Parameters in file order; a constrained group is sampled together where its first member appears."""
-        groups: dict[str, tuple[str, ...]] = {}
-        if any(k in self._by_key for k in PHASE_KEYS):
-            groups.update({k: PHASE_KEYS for k in PHASE_KEYS})
-        if self.spec.constraints.rank_order and any(k in self._by_key for k in RANK_KEYS):
-            groups.update({k: RANK_KEYS for k in RANK_KEYS})
-        plan: list[list[Param]] = []
+    def _sampling_plan(self) -> list[tuple[Constraint | None, list[Param]]]:
+        """Parameters in file order; a constrained group is sampled together (by its constraint) where its
+        first member appears."""
+        groups = {k: c for c in self.constraints for k in c.keys}
+        plan: list[tuple[Constraint | None, list[Param]]] = []
         done: set[str] = set()
         for p in self.params:
             if p.key in done:
                 continue
-            members = groups.get(p.key, (p.key,))
-            plan.append([self._by_key[k] for k in members if k in self._by_key])
+            c = groups.get(p.key)
+            members = c.keys if c is not None else (p.key,)
+            plan.append((c, [self._by_key[k] for k in members if k in self._by_key]))
             done.update(members)
         return plan
 
@@ -373,74 +569,15 @@ class Space:
     def define_by_run(self, trial) -> None:
         """Optuna define-by-run: ask `trial` for every active parameter; constraints hold by construction."""
         values: dict[str, Any] = {}
-        for group in self._plan:
+        for constraint, group in self._plan:
             if not self._active(group[0], values):
                 continue
-            if group[0].key in PHASE_KEYS:
-                values.update(self._suggest_phases(trial, values))
-            elif group[0].key in RANK_KEYS and self.spec.constraints.rank_order:
-                values.update(self._suggest_ranks(trial, values))
+            if constraint is not None:
+                values.update(constraint.suggest(trial, self))
             else:
                 (p,) = group
                 values[p.config_key] = p.suggest(trial)
         return None
-
-    def _range(self, key: str) -> tuple[float, float]:
-        p = self._by_key.get(key)
-        if p is None:
-            v = self._base_flat_all[key]
-            return v, v
-        return p.low, p.high
-
-    def _suggest_phases(self, trial, values: dict[str, Any]) -> dict[str, float]:
-        gap = self.spec.constraints.phase_gap
-        k1, k2 = PHASE_KEYS
-        lo1, hi1 = self._range(k1)
-        lo2, hi2 = self._range(k2)
-        out: dict[str, float] = {}
-        b1 = self._by_key[k1].suggest(trial, lo1, min(hi1, hi2 - gap)) if k1 in self._by_key else lo1
-        if k1 in self._by_key:
-            out[k1] = b1
-        if k2 in self._by_key:
-            out[k2] = self._by_key[k2].suggest(trial, max(lo2, b1 + gap), hi2)
-        return out
-
-    def _rank_grid(self, key: str) -> tuple[int, int, int]:
-        p = self._by_key.get(key)
-        if p is None:
-            v = int(self._base_flat_all[key])
-            return v, v, 1
-        return int(p.low), int(p.high), int(p.step or 1)
-
-    def _rank_floors(self) -> list[int | None]:
-        """floor[i]: the smallest value rank i can take so that ranks i+1.. stay feasible (None: infeasible)."""
-        floors: list[int | None] = [None] * len(RANK_KEYS)
-        below = None
-        for i in range(len(RANK_KEYS) - 1, -1, -1):
-            lo, hi, step = self._rank_grid(RANK_KEYS[i])
-            need = lo if below is None else max(lo, below)
-            first = lo + math.ceil((need - lo) / step) * step
-            if first > hi:
-                return floors
-            floors[i] = below = first
-        return floors
-
-    def _suggest_ranks(self, trial, values: dict[str, Any]) -> dict[str, int]:
-        floors = self._rank_floors()
-        out: dict[str, int] = {}
-        prev = None
-        for i, key in enumerate(RANK_KEYS):
-            lo, hi, step = self._rank_grid(key)
-            if key not in self._by_key:
-                prev = lo
-                continue
-            a = floors[i + 1] if i + 1 < len(RANK_KEYS) else lo
-            a = max(lo, a)
-            first = lo + math.ceil((a - lo) / step) * step
-            b = hi if prev is None else min(hi, prev)
-            last = lo + ((b - lo) // step) * step
-            prev = out[key] = self._by_key[key].suggest(trial, first, last)
-        return out
 
     def trial_config(self, sampled: dict[str, Any]) -> Config:
         """The base config with the sampled values (dotted keys, "@variant" suffixes allowed) set; validated."""
@@ -448,15 +585,7 @@ class Space:
 
     def check_constraints(self, cfg: Config) -> list[str]:
         """Constraint violations of a trial config (empty when it satisfies them all)."""
-        problems = []
-        if cfg.method.name == "lora_diffusion":
-            ld = cfg.method.lora_diffusion
-            if any(k in self._by_key for k in PHASE_KEYS):
-                if not (0 < ld.b1 < ld.b2 < 1) or ld.b2 - ld.b1 < self.spec.constraints.phase_gap - 1e-9:
-                    problems.append(f"b1={ld.b1}, b2={ld.b2}: need 0 < b1 < b2 < 1 and b2 - b1 >= {self.spec.constraints.phase_gap}")
-            if self.spec.constraints.rank_order and not (ld.rank_early >= ld.rank_mid >= ld.rank_late):
-                problems.append(f"ranks {ld.rank_early}/{ld.rank_mid}/{ld.rank_late}: need rank_early >= rank_mid >= rank_late")
-        return problems
+        return [problem for c in self.constraints for problem in c.violations(cfg, self)]
 
     def make_sampler(self):
         import optuna
@@ -504,9 +633,8 @@ class Space:
                 if self._current(out, wkey) not in allowed:
                     raise SpaceError(f"{where}: {key} is not sampled when {wkey}={self._current(out, wkey)!r} "
                                      f"(only when {wkey} in {allowed}); remove it from the point")
-        groups = [PHASE_KEYS] + ([RANK_KEYS] if self.spec.constraints.rank_order else [])
-        for group in groups:
-            searched = [k for k in group if k in self._by_key]
+        for c in self.constraints:
+            searched = [k for k in c.keys if k in self._by_key]
             given = [k for k in searched if k in out]
             if given and len(given) != len(searched):
                 raise SpaceError(f"{where}: gives {', '.join(given)} but not {', '.join(k for k in searched if k not in out)}: "
@@ -585,12 +713,7 @@ class Space:
         width = max((len(p.key) for p in self.params), default=0)
         for p in self.params:
             lines.append(f"    {p.key:<{width}}  {p.describe()}")
-        c = self.spec.constraints
-        cons = []
-        if any(k in self._by_key for k in PHASE_KEYS):
-            cons.append(f"0 < b1 < b2 < 1, b2 - b1 >= {_fmt(c.phase_gap)}")
-        if c.rank_order:
-            cons.append("rank_early >= rank_mid >= rank_late")
+        cons = [c.describe(self) for c in self.constraints]
         lines.append("  constraints: " + ("; ".join(cons) if cons else "none"))
         if self.points:
             lines.append(f"  initial points: {len(self.points)} (tried first, in this order)")
@@ -762,7 +885,7 @@ def _validated_value(base: Config, key: str, value: Any, where: str, what: str) 
     set_dotted(data, key, value)
     if key.startswith("method.") and key.split(".")[1] in METHOD_NAMES:
         data["method"]["name"] = key.split(".")[1]
-    if key in PHASE_KEYS:  # b1/b2 are checked as a pair by the constraint check
+    if any(key in c.keys and not c.checked_alone for c in CONSTRAINTS):  # checked with its group by the constraint
         return float(value)
     try:
         cfg = config_from_dict(data)
@@ -940,39 +1063,8 @@ def _check_metrics(where: str, spec: SpaceSpec, base: Config, params: list[Param
 
 
 def _check_constraints(where: str, space: Space) -> None:
-    c = space.spec.constraints
-    by = {p.key: p for p in space.params}
     for p in space.params:
-        if p.key != p.config_key and p.config_key in PHASE_KEYS + RANK_KEYS:
-            raise SpaceError(f"{where}: params.{p.key}: phase boundaries and ranks cannot have '@' variants")
-    k1, k2 = PHASE_KEYS
-    if k1 in by or k2 in by:
-        for k in (k1, k2):
-            if k in by:
-                p = by[k]
-                if p.type == "categorical" or p.step:
-                    raise SpaceError(f"{where}: params.{k}: phase boundaries are searched as continuous ranges (type: float, no step)")
-                if not (0 < p.low and p.high < 1):
-                    raise SpaceError(f"{where}: params.{k}: range [{_fmt(p.low)}, {_fmt(p.high)}] must lie inside (0, 1)")
-        if k1 in by and k2 in by and by[k1].when != by[k2].when:
-            raise SpaceError(f"{where}: params.{k1} and params.{k2}: must have the same `when` condition")
-        lo1, hi1 = space._range(k1)
-        lo2, hi2 = space._range(k2)
-        if lo1 > min(hi1, hi2 - c.phase_gap) + 1e-12:
-            raise SpaceError(f"{where}: params {k1} in [{_fmt(lo1)}, {_fmt(hi1)}] and {k2} in [{_fmt(lo2)}, {_fmt(hi2)}]: "
-                             f"no b1 < b2 with b2 - b1 >= constraints.phase_gap={_fmt(c.phase_gap)} (need b1.low + phase_gap <= b2.high)")
-    if c.rank_order:
-        searched = [k for k in RANK_KEYS if k in by]
-        if not searched:
-            raise SpaceError(f"{where}: constraints.rank_order: true, but none of {', '.join(RANK_KEYS)} is searched")
-        conds = {repr(by[k].when) for k in searched}
-        if len(conds) > 1:
-            raise SpaceError(f"{where}: params {', '.join(searched)}: must have the same `when` condition under rank_order")
-        for k in searched:
-            if by[k].type != "int":
-                raise SpaceError(f"{where}: params.{k}: constraints.rank_order needs int ranges (type: int), got {by[k].type}")
-        floors = space._rank_floors()
-        if any(f is None for f in floors):
-            ranges = ", ".join(f"{k.rsplit('.', 1)[1]} in [{a}, {b}]" if k in by else f"{k.rsplit('.', 1)[1]} = {a}"
-                               for k in RANK_KEYS for a, b, _ in [space._rank_grid(k)])
-            raise SpaceError(f"{where}: constraints.rank_order: {ranges} admit no rank_early >= rank_mid >= rank_late")
+        if p.key != p.config_key and any(p.config_key in c.keys for c in CONSTRAINTS):
+            raise SpaceError(f"{where}: params.{p.key}: {' and '.join(c.what for c in CONSTRAINTS)} cannot have '@' variants")
+    for c in space.constraints:
+        c.validate(where, space)

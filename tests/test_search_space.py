@@ -481,3 +481,63 @@ def test_compare_methods_is_accuracy_against_trainable_parameters_across_six_met
         "lora_diffusion", "weight_lora", "adapters", "prefix_tuning", "bitfit", "full_ft"}
     assert s.scheduler_metric == "val_loss"  # ASHA on one training metric, said in describe()
     assert "Pareto front" in s.describe() and "ASHA compares one metric: val_loss" in s.describe()
+
+
+# --------------------------------------------------------------------------- a new constraint is one class
+
+
+def test_a_new_constraint_is_one_class(monkeypatch):
+    """A throw-away constraint (a sample budget: batch_size x max_steps <= 4096), added as one class to
+    CONSTRAINTS, is validated at load time, sampled by construction, checked in initial points and described."""
+    from lora_diffusion import search_space
+    from lora_diffusion.search_space import CONSTRAINTS, Constraint
+
+    class SampleBudget(Constraint):
+        keys = ("train.batch_size", "train.max_steps")
+        what = "the sample budget"
+        budget = 4096
+
+        def validate(self, where, space):
+            batch, steps = (space.param(k).low for k in self.keys)
+            if batch * steps > self.budget:
+                raise SpaceError(f"{where}: the smallest batch_size x max_steps is {batch * steps} > {self.budget}")
+
+        def suggest(self, trial, space):
+            batch = space.param(self.keys[0]).suggest(trial)
+            steps = space.param(self.keys[1])
+            return {self.keys[0]: batch, self.keys[1]: steps.suggest(trial, high=min(steps.high, self.budget // batch))}
+
+        def violations(self, cfg, space):
+            n = cfg.train.batch_size * cfg.train.max_steps
+            return [f"batch_size x max_steps = {n} > {self.budget}"] if n > self.budget else []
+
+        def describe(self, space):
+            return f"batch_size x max_steps <= {self.budget}"
+
+    body = """
+        params:
+          train.max_steps: {type: int, low: 16, high: 1024}
+          train.lr: {type: log_float, low: 1.0e-5, high: 1.0e-2}
+          train.batch_size: {type: int, low: 4, high: 64}
+        metric: loss
+        scheduler: {name: none}
+        sampler: {name: random, seed: 0}
+        """
+    unconstrained = space(body).sample(40)  # without the class, the ranges break the budget
+    assert any(p["train.batch_size"] * p["train.max_steps"] > 4096 for p in unconstrained)
+
+    monkeypatch.setattr(search_space, "CONSTRAINTS", [*CONSTRAINTS, SampleBudget()])
+    s = space(body)
+    assert [type(c).__name__ for c in s.constraints] == ["SampleBudget"]  # the built-in ones are not in force here
+    sampled = s.sample(40)
+    assert all(p["train.batch_size"] * p["train.max_steps"] <= 4096 for p in sampled)
+    assert len({p["train.batch_size"] for p in sampled}) > 5  # still a search, not one point
+    # sampled as a group where its first member (max_steps) is listed: batch_size, then max_steps, then lr
+    assert all(list(p) == ["train.batch_size", "train.max_steps", "train.lr"] for p in sampled)
+    assert "constraints: batch_size x max_steps <= 4096" in s.describe()
+
+    assert "the smallest batch_size x max_steps is 8192 > 4096" in error(body.replace("low: 4, high: 64", "low: 8, high: 64")
+                                                                         .replace("low: 16, high: 1024", "low: 1024, high: 2048"))
+    point = body.replace("metric: loss", "metric: loss\n        initial_points: [{train.batch_size: 64, train.max_steps: 1024}]")
+    assert "breaks the space's constraints: batch_size x max_steps = 65536 > 4096" in error(point)
+    assert "cannot have '@' variants" in error(body.replace("train.batch_size:", "train.batch_size@big:"))
