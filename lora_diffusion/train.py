@@ -6,7 +6,10 @@
 `train_loop(loop_config, reporter)` reads top to bottom: config -> seeds -> base + method -> data
 -> model (DDP over what trains) -> AdamW + cosine schedule -> steps (grad accumulation,
 clipping, mixed precision) -> every `train.report_every` steps a report + checkpoint -> final
-evaluation. `reporter` (see train_reporters.py) decides where reports and checkpoints go: Ray Train,
+evaluation. What the loop carries from one report to the next is one `LoopState` (step, data
+position, the window of losses and timing, the last report); `report_step(parts, state, metrics,
+final)` checkpoints and reports, with `parts` (`LoopParts`) what was built before the first step.
+`reporter` (see train_reporters.py) decides where reports and checkpoints go: Ray Train,
 Ray Tune or a plain list and folder. The command runs it on a local Ray cluster (or
 $RAY_ADDRESS) with `TorchTrainer`, after checking the config, the data, the base and the
 MLflow store.
