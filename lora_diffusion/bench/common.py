@@ -75,14 +75,20 @@ def check_device(device: str) -> str:
 # --------------------------------------------------------------------------- memory
 
 
+def _proc_status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MB; None where there is none (not Linux)."""
+    try:
+        m = re.search(rf"{field}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(m.group(1)) / 1024.0 if m else None
+
+
 def rss_mb() -> float:
     """Current resident set size of this process in MB (Linux /proc; psutil elsewhere)."""
-    try:
-        m = re.search(r"VmRSS:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
-        if m:
-            return int(m.group(1)) / 1024.0
-    except OSError:
-        pass
+    mb = _proc_status_mb("VmRSS")
+    if mb is not None:
+        return mb
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
@@ -99,12 +105,9 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_mb() -> float:
     """RSS high-water mark in MB since the last `reset_peak_rss()` (else since the process started)."""
-    try:
-        m = re.search(r"VmHWM:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
-        if m:
-            return int(m.group(1)) / 1024.0
-    except OSError:
-        pass
+    mb = _proc_status_mb("VmHWM")
+    if mb is not None:
+        return mb
     import resource
 
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
