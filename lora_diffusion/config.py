@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from lora_diffusion.methods import METHODS, MethodSettings
 
 
 class ConfigError(ValueError):
@@ -80,65 +82,10 @@ PHASE_RANGES = ("t > b2", "b1 < t <= b2", "t <= b1")  # the t of each phase (dif
 # --------------------------------------------------------------------------- methods
 
 
-class LoRADiffusionConfig(_Section):
-    # Phase boundaries as fractions of the trajectory: late t <= b1, mid b1 < t <= b2, early t > b2.
-    b1: float = 1.0 / 3.0
-    b2: float = 2.0 / 3.0
-    rank_early: int = Field(64, gt=0)
-    rank_mid: int = Field(32, gt=0)
-    rank_late: int = Field(8, gt=0)
-    scale_early: float = Field(1.0, ge=0)
-    scale_mid: float = Field(0.5, ge=0)
-    scale_late: float = Field(0.25, ge=0)
-    k: int = Field(2, ge=1, description="modules per phase")
-    time_dim: int = Field(64, gt=0, description="width of Emb(t) concatenated to h")
-    instruction_dim: int = Field(64, gt=0, description="width of the condition encoding c")
-    # What c encodes: "prompt" = the frozen base's hidden states mean-pooled over the whole prompt
-    # (instruction + input); "instruction" = the instruction's word embeddings only (one constant per
-    # single-instruction task such as SST-2: the adapter then cannot see the input).
-    condition: Literal["prompt", "instruction"] = "prompt"
-    # Learned embedding of the position within the target span, added to g_i's input (0 = off):
-    # adjacent [MASK]s look alike to a frozen base, so without it the label and [SEP] positions blur.
-    span_positions: int = Field(64, ge=0, description="span offsets embedded for the adapter (0 = off)")
-    film: bool = True
-    rank_norm: Literal["nuclear", "frobenius"] = "nuclear"
-    lambda_rank: float = Field(1e-4, ge=0)
-    lambda_orth: float = Field(1e-3, ge=0)
-
-    @model_validator(mode="after")
-    def _boundaries(self) -> "LoRADiffusionConfig":
-        if not (0.0 < self.b1 < self.b2 < 1.0):
-            raise ValueError(f"b1={self.b1}, b2={self.b2}: boundaries must satisfy 0 < b1 < b2 < 1")
-        return self
-
-
-class WeightLoRAConfig(_Section):
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
-
-
-class AdaptersConfig(_Section):
-    bottleneck: int = Field(64, gt=0, description="Houlsby bottleneck width")
-    # Houlsby et al. also train the layer norms of every layer; off = only the adapters train.
-    train_layernorm: bool = True
-
-
-class PrefixTuningConfig(_Section):
-    num_prefix: int = Field(16, gt=0, description="learned key/value prefix length per layer")
-    reparam_hidden: int = Field(0, ge=0, description="MLP reparameterisation width (0 = direct)")
-
-
-class FullFTConfig(_Section):
-    pass
-
-
-class BitFitConfig(_Section):
-    pass
-
-
-METHOD_NAMES = ("lora_diffusion", "weight_lora", "adapters", "prefix_tuning", "bitfit", "full_ft")
+# Each method declares its settings class and registers it beside its own file (methods/<name>_settings.py,
+# see methods/__init__.py); the `method:` section has `name` and one block per registered method, in the
+# registry's order: `method.lora_diffusion.rank_mid`, `method.weight_lora.r`, ...
+METHOD_NAMES = tuple(METHODS)
 
 
 def check_method_name(v: str) -> str:
@@ -148,23 +95,25 @@ def check_method_name(v: str) -> str:
     return v
 
 
-class MethodConfig(_Section):
+class _MethodChoice(_Section):
+    """The `method:` section's own key; MethodConfig below adds one settings block per registered method."""
+
     name: str = "lora_diffusion"
-    lora_diffusion: LoRADiffusionConfig = Field(default_factory=LoRADiffusionConfig)
-    weight_lora: WeightLoRAConfig = Field(default_factory=WeightLoRAConfig)
-    adapters: AdaptersConfig = Field(default_factory=AdaptersConfig)
-    prefix_tuning: PrefixTuningConfig = Field(default_factory=PrefixTuningConfig)
-    bitfit: BitFitConfig = Field(default_factory=BitFitConfig)
-    full_ft: FullFTConfig = Field(default_factory=FullFTConfig)
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
         return check_method_name(v)
 
-    def settings(self) -> _Section:
+    def settings(self) -> MethodSettings:
         """The settings block of the selected method."""
         return getattr(self, self.name)
+
+
+MethodConfig = create_model(
+    "MethodConfig", __base__=_MethodChoice, __module__=__name__,
+    **{name: (m.settings, Field(default_factory=m.settings)) for name, m in METHODS.items()},
+)
 
 
 # --------------------------------------------------------------------------- task

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from lora_diffusion.adapter import load_adapter, save_adapter
-from lora_diffusion.config import load_config
-from lora_diffusion.methods import METHOD_NAMES, build_method, count_parameters
+from lora_diffusion.config import METHOD_NAMES, load_config
+from lora_diffusion.methods import build_method, count_parameters
 from lora_diffusion.model import load_base, sinusoidal, tiny_vocab
 
 TINY = ["model.base=builtin:tiny", "model.max_length=48"]
@@ -474,3 +474,158 @@ def test_every_method_trains_under_bf16_autocast(method):
     assert torch.isfinite(loss)
     grads = [p.grad for p in a.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_a_method_registration_is_checked():
+    from lora_diffusion.methods import METHODS, MethodSettings, get_method, register_method
+
+    class Empty(MethodSettings):
+        pass
+
+    with pytest.raises(ValueError, match="method name 'bitfit' is registered twice"):
+        register_method("bitfit", Empty, "lora_diffusion.methods.bitfit:build", 1e-3)
+    with pytest.raises(ValueError, match="build 'nowhere' must be 'module:function'"):
+        register_method("x", Empty, "nowhere", 1e-3)
+    with pytest.raises(ValueError, match="default_lr 0 must be > 0"):
+        register_method("x", Empty, "m:f", 0)
+    with pytest.raises(ValueError, match="settings must be a MethodSettings class"):
+        register_method("x", dict, "m:f", 1e-3)
+    assert "x" not in METHODS
+    with pytest.raises(ValueError, match="method.name: unknown method 'lora'; allowed: lora_diffusion, weight_lora, adapters"):
+        get_method("lora")
+    assert {n: m.default_lr for n, m in METHODS.items()} == {
+        "lora_diffusion": 5e-3, "weight_lora": 2e-3, "adapters": 1e-3, "prefix_tuning": 5e-3, "bitfit": 3e-3, "full_ft": 1e-4}
+
+
+def test_the_registry_and_the_config_import_no_torch():
+    """Every method's settings are read without torch: the sweep driver and its checks stay light."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lora_diffusion.config, lora_diffusion.search_space; "
+            "print(len(lora_diffusion.config.METHOD_NAMES), 'torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["6", "False"]
+
+
+# --------------------------------------------------------------------------- a new method is one file plus its settings
+
+LAYERNORM_SETTINGS = '''
+"""A throw-away method's settings: only the LayerNorms train."""
+from pydantic import Field
+
+from lora_diffusion.methods import MethodSettings, register_method
+
+
+class LayerNormOnlyConfig(MethodSettings):
+    include_embeddings: bool = True  # also the embeddings' LayerNorm
+    init_scale: float = Field(1.0, gt=0)
+
+
+register_method(name="layernorm_only", settings=LayerNormOnlyConfig, build="lora_diffusion.methods.layernorm_only:build",
+                default_lr=4e-3)
+'''
+
+LAYERNORM_METHOD = '''
+"""A throw-away method: only the LayerNorms of the base train."""
+import torch
+from torch import nn
+
+from lora_diffusion.methods.core import Adaptation, freeze
+
+
+class LayerNormOnly(Adaptation):
+    method_name = "layernorm_only"
+
+
+def build(denoiser, settings):
+    freeze(denoiser)
+    for name, module in denoiser.mlm.named_modules():
+        if isinstance(module, nn.LayerNorm) and (settings.include_embeddings or "embeddings" not in name):
+            with torch.no_grad():
+                module.weight.mul_(settings.init_scale)
+            for p in module.parameters():
+                p.requires_grad_(True)
+    return LayerNormOnly(denoiser, settings)
+'''
+
+# Run in a fresh process: the config's `method:` section is built from the registry when config.py is first imported.
+LAYERNORM_RUN = '''
+import json, sys
+from pathlib import Path
+
+import lora_diffusion.methods as methods
+
+methods.__path__.append(sys.argv[1])  # a folder read the way methods/ is
+methods.discover()
+from lora_diffusion.config import METHOD_NAMES, ConfigError, load_config
+
+out = {"names": list(METHOD_NAMES), "errors": []}
+for bad in ("method.layernorm_only.init_scale=0", "method.layernorm_only.bogus=1", "method.name=layernorm"):
+    try:
+        load_config(None, [bad])
+    except ConfigError as e:
+        out["errors"].append(str(e))
+
+from lora_diffusion.search_space import load_space
+
+space = load_space(text="""
+name: t
+overrides: {model.base: "builtin:tiny", method.name: layernorm_only}
+params:
+  method.layernorm_only.include_embeddings: {type: categorical, choices: [true, false]}
+metric: loss
+scheduler: {name: none}
+""")
+out["space_keys"] = [p.key for p in space.params]
+
+from lora_diffusion.adapter import load_adapter
+from lora_diffusion.train import train_loop
+from lora_diffusion.train_reporters import LocalReporter
+
+cfg = load_config(None, ["model.base=builtin:tiny", "model.max_length=40", f"task.data_dir={sys.argv[2]}",
+                         "method.name=layernorm_only", "method.layernorm_only.include_embeddings=false",
+                         "train.batch_size=4", "train.max_steps=3", "train.report_every=3", "train.warmup_steps=1",
+                         "train.torch_threads=1", "train.eval_at_end=false", "tracking.enabled=false"])
+rep = LocalReporter(Path(sys.argv[3]))
+res = train_loop({"config": cfg.to_dict(), "mlflow": None, "resume_from": None, "trial_name": "t"}, rep)
+adaptation, _, saved = load_adapter(str(rep.checkpoints[-1] / "adapter"))
+out.update(step=res["step"], loss=res["loss"], trainable_params=res["trainable_params"], saved_method=saved["method"],
+           trainable=sorted(n for n, p in adaptation.named_parameters() if p.requires_grad))
+
+from lora_diffusion.bench.quality import LR
+
+out["lr"] = LR["layernorm_only"]
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_a_new_method_is_one_file_plus_its_settings(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    folder = tmp_path / "more_methods"
+    folder.mkdir()
+    (folder / "layernorm_only_settings.py").write_text(LAYERNORM_SETTINGS)
+    (folder / "layernorm_only.py").write_text(LAYERNORM_METHOD)
+    data = tmp_path / "data" / "sst2"
+    data.mkdir(parents=True)
+    for split in ("train", "validation"):
+        (data / f"{split}.jsonl").write_text("".join(
+            json.dumps({"sentence": s, "label": y, "idx": i}) + "\n"
+            for i, (s, y) in enumerate([("a great film", 1), ("a dull film", 0)] * 4)))
+    run = subprocess.run([sys.executable, "-c", LAYERNORM_RUN, str(folder), str(tmp_path / "data"), str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.split("RESULT ", 1)[1])
+
+    assert out["names"] == [*METHOD_NAMES, "layernorm_only"]  # the built-in ones keep their order, the new one last
+    assert out["errors"][0] == "method.layernorm_only.init_scale: got 0; Input should be greater than 0"
+    assert out["errors"][1] == ("method.layernorm_only.bogus: unknown key; allowed here: include_embeddings, init_scale")
+    assert out["errors"][2] == f"method.name: unknown method 'layernorm'; allowed: {', '.join(out['names'])}"
+    assert out["space_keys"] == ["method.layernorm_only.include_embeddings"]
+    # it trained: only the encoder layers' LayerNorms (include_embeddings=false), saved and reloaded as itself
+    assert out["step"] == 3 and math.isfinite(out["loss"]) and out["saved_method"] == "layernorm_only"
+    assert out["trainable"] and all("LayerNorm" in n and "embeddings" not in n for n in out["trainable"])
+    assert out["trainable_params"] == N_LAYERS * 2 * 2 * D + 2 * D  # 2 LayerNorms per layer + the head's transform
+    assert out["lr"] == 4e-3  # bench quality's learning rate comes from the method's registration

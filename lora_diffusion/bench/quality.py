@@ -47,13 +47,14 @@ from lora_diffusion.bench.common import (
     table, with_options,
 )
 from lora_diffusion.config import METHOD_NAMES
+from lora_diffusion.methods import METHODS
 from lora_diffusion.stats import ci95, mean_std, paired_bootstrap, paired_t_test
 
 NAME = "quality"
 
-# Learning rate per method at this budget (unweighted loss, batch 16, a few hundred steps).
-LR = {"lora_diffusion": 5e-3, "weight_lora": 2e-3, "adapters": 1e-3, "prefix_tuning": 5e-3, "bitfit": 3e-3,
-      "full_ft": 1e-4}
+# Learning rate per method at this budget (unweighted loss, batch 16, a few hundred steps): each method's
+# default_lr, declared where it registers (methods/<name>_settings.py).
+LR = {name: method.default_lr for name, method in METHODS.items()}
 
 # What else each method's runs set at this budget. LoRA-Diffusion without its rank and orthogonality penalties:
 # measured on real SST-2 at this budget they make no difference that 3 seeds can show (generated accuracy of

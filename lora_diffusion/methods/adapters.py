@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_diffusion.config import AdaptersConfig
+from lora_diffusion.methods.adapters_settings import AdaptersConfig
 from lora_diffusion.methods.core import Adaptation, freeze
 
 

@@ -37,9 +37,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_diffusion.config import PHASES, LoRADiffusionConfig
+from lora_diffusion.config import PHASES
 from lora_diffusion.diffusion import phase_of
 from lora_diffusion.methods.core import Adaptation, count_parameters, freeze
+from lora_diffusion.methods.lora_diffusion_settings import LoRADiffusionConfig
 from lora_diffusion.model import sinusoidal
 
 

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_diffusion.config import PrefixTuningConfig
 from lora_diffusion.methods.core import Adaptation, freeze
+from lora_diffusion.methods.prefix_tuning_settings import PrefixTuningConfig
 
 
 class PrefixEncoder(nn.Module):

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from lora_diffusion.config import WeightLoRAConfig
 from lora_diffusion.methods.core import Adaptation, freeze
+from lora_diffusion.methods.weight_lora_settings import WeightLoRAConfig
 
 ADAPTER_NAME = "default"
 
