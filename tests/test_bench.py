@@ -277,6 +277,17 @@ def test_synthetic_sst2_loads_as_the_sst2_task(tmp_path):
         common.resolve_data_dir(str(tmp_path / "nowhere"))
 
 
+def test_resolve_data_dir_finds_a_split_where_the_task_does(tmp_path):
+    # SQuAD with only the official dev set: train and validation are the halves of dev_split/ (tasks/squad.py).
+    (tmp_path / "squad" / "dev_split").mkdir(parents=True)
+    with pytest.raises(common.BenchError, match=r"missing squad/train.jsonl or squad/dev_split/train.jsonl, "
+                                                 r"squad/dev_split/validation.jsonl or squad/validation.jsonl"):
+        common.resolve_data_dir(str(tmp_path), task="squad")
+    for split in ("train", "validation"):
+        (tmp_path / "squad" / "dev_split" / f"{split}.jsonl").write_text("{}\n")
+    assert common.resolve_data_dir(str(tmp_path), task="squad") == str(tmp_path.resolve())
+
+
 def test_run_isolated_returns_the_child_result_and_reports_failures():
     out = common.run_isolated("lora_diffusion.bench.common:machine_info", "cpu")
     assert out["device"] == "cpu" and out["cpu_count"] >= 1

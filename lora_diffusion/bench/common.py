@@ -258,11 +258,15 @@ def synthetic_sst2(folder: str | os.PathLike, n_train: int = 256, n_val: int = 6
 
 
 def resolve_data_dir(data_dir: str | None, task: str = "sst2", splits: tuple[str, ...] = ("train", "validation")) -> str | None:
-    """--data-dir, else $LORA_DIFFUSION_DATA_DIR, checked to hold `<task>/<split>.jsonl`; None when neither is set."""
+    """--data-dir, else $LORA_DIFFUSION_DATA_DIR, checked to hold each split as the task finds it (`<task>/<split>.jsonl`,
+    or the task's other candidates, e.g. squad's dev_split/train.jsonl); None when neither is set."""
+    from lora_diffusion.tasks import get_task
+
     d = data_dir or os.environ.get("LORA_DIFFUSION_DATA_DIR")
     if not d:
         return None
-    missing = [f"{task}/{s}.jsonl" for s in splits if not (Path(d) / task / f"{s}.jsonl").is_file()]
+    spec = get_task(task)
+    missing = [" or ".join(f"{task}/{c}" for c in spec.local_candidates(s)) for s in splits if spec.local_path(d, s) is None]
     if missing:
         where = "--data-dir" if data_dir else "LORA_DIFFUSION_DATA_DIR"
         raise BenchError(f"{where}={d!r}: missing {', '.join(missing)} (expected <data_dir>/{task}/<split>.jsonl)")
