@@ -49,6 +49,7 @@ from lora_diffusion.bench.common import (
 from lora_diffusion.config import METHOD_NAMES
 from lora_diffusion.methods import METHODS
 from lora_diffusion.stats import ci95, mean_std, paired_bootstrap, paired_t_test
+from lora_diffusion.tasks import TASKS
 
 NAME = "quality"
 
@@ -68,7 +69,7 @@ TASK_METRICS = {
     "squad": ("exact_match", "f1", "denoise_acc", "denoise_acc_content"),
     "xsum": ("rouge1", "rouge2", "rougeL", "denoise_acc", "denoise_acc_content"),
 }
-HEADLINE = {"sst2": "accuracy", "squad": "f1", "xsum": "rougeL"}
+HEADLINE = {name: task.headline for name, task in TASKS.items()}  # declared on each Task
 
 PRESETS = {
     "smoke": dict(base_model="builtin:tiny", pretrain_steps=0, pretrain_batch=8, max_length=48, batch_size=8, steps=6,
@@ -302,7 +303,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     denoiser, tokenizer = load_base(cfg.model, seed=0)
     denoiser.eval()
     collate = collator_for(cfg, tokenizer)
-    labels = {w: i for i, w in enumerate(("negative", "positive"))}
+    labels = {w: i for i, w in enumerate(TASKS[cfg.task.name].label_words)}
 
     def features(split: str):
         ds = make_dataset(cfg, tokenizer, split)
