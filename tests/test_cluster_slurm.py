@@ -338,9 +338,12 @@ def test_sweep_hits_time_limit_requeues_and_resumes(local_slurm, tmp_path):
     assert "SIGUSR1: time limit near" in run0 and "requeueing job" in run0, run0[-3000:]
     assert "TIMEOUT" not in job_fields(job).get("JobState", "")
     # Give the requeued run its full limit back (lowering it above was this test's shortcut to the time
-    # limit), and start it now: SLURM holds a requeued job for ~2 minutes (BeginTime).
+    # limit), and start it soon: SLURM holds a requeued job for ~2 minutes (BeginTime). Not at once: slurmd
+    # refuses a launch credential issued in the same second as the old run's revocation ("Killing
+    # non-startable batch JobId=N: Job credential revoked", seen once when the start came 0.6 s after the
+    # requeue), so the new run starts a few seconds later.
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=15"], check=True)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+5"], check=True)
     wait_for("the requeued job to complete", lambda: job_fields(job).get("JobState") == "COMPLETED", 420, every=2,
              on_timeout=lambda: str(job_fields(job)) + "\n" + text(out)[-4000:])
 
