@@ -340,6 +340,18 @@ def goal(name: str, measured: float, target: float, op: str = "<=", note: str = 
 # --------------------------------------------------------------------------- isolated runs
 
 
+_LIVE: set[int] = set()  # process groups of the children run_isolated is waiting for (any thread)
+
+
+def kill_children() -> None:
+    """SIGKILL every child process group `run_isolated` started and still waits for (by its id)."""
+    for pid in list(_LIVE):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run_isolated(func: str, spec: Any, timeout: float = 1800.0, env: dict[str, str] | None = None,
                  stream: bool = False) -> Any:
     """Run `module:function(spec)` in a fresh Python process and return its (JSON) result.
@@ -369,14 +381,19 @@ def run_isolated(func: str, spec: Any, timeout: float = 1800.0, env: dict[str, s
         timer = threading.Timer(timeout, kill)
         timer.start()
         tail: list[str] = []
+        _LIVE.add(proc.pid)
         try:
             for line in proc.stdout:
                 if stream and line.strip() and "Loading weights" not in line:
                     print(line, end="", flush=True)
                 tail = (tail + [line])[-60:]
             proc.wait()
+        except BaseException:  # Ctrl-C or an error here: the child (its own session) would outlive us
+            kill_children()
+            raise
         finally:
             timer.cancel()
+            _LIVE.discard(proc.pid)
         output = "".join(tail)
         if timed_out:
             raise BenchError(f"{func} timed out after {timeout:.0f} s; last output:\n{output[-3000:]}")
