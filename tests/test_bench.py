@@ -302,7 +302,7 @@ THROWAWAY_SUITE = '''"""throwaway: sums of a few integers, a suite that exists o
 It shows that a suite is one file: no registry, parser or output code to touch.
 """
 
-from lora_diffusion.bench.common import goal, goals_table, int_list, machine_info, machine_line, table, with_options
+from lora_diffusion.bench.common import goal, goals_table, heading, int_list, machine_info, table, with_options
 
 NAME = "throwaway"
 PRESETS = {"smoke": dict(n=3, values=[1, 2]), "quick": dict(n=30, values=[1, 2]), "full": dict(n=300, values=[1, 2])}
@@ -323,8 +323,8 @@ def run(args, size):
 
 
 def markdown(result):
-    return "\\n".join([f"### Benchmark `throwaway` ({result['size']})", "", machine_line(result["machine"]), "",
-                      table(result["rows"], [("value", "value"), ("sum", "sum")]), "", goals_table(result["goals"])])
+    return "\\n".join([*heading(result), table(result["rows"], [("value", "value"), ("sum", "sum")]), "",
+                      goals_table(result["goals"])])
 '''
 
 

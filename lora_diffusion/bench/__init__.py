@@ -25,7 +25,7 @@ Adding a suite is one file, `lora_diffusion/bench/<file>.py`, that defines the s
 
     The rest of the docstring is the suite's --help description.
     '''
-    from lora_diffusion.bench.common import goal, goals_table, machine_info, machine_line, table, with_options
+    from lora_diffusion.bench.common import goal, goals_table, heading, machine_info, table, with_options
 
     NAME = "mine"                                    # python -m lora_diffusion.bench mine
     PRESETS = {"smoke": dict(n=2), "quick": dict(n=20), "full": dict(n=200)}
@@ -40,8 +40,8 @@ Adding a suite is one file, `lora_diffusion/bench/<file>.py`, that defines the s
                 "goals": [goal("seconds <= 1", rows[0]["seconds"], 1.0)]}
 
     def markdown(result):                            # the run's result (plus suite, size, command)
-        return "\\n".join([f"### Benchmark `mine` ({result['size']})", "", machine_line(result["machine"]),
-                          "", table(result["rows"], [("n", "n"), ("seconds", "s")]), "", goals_table(result["goals"])])
+        return "\\n".join([*heading(result), table(result["rows"], [("n", "n"), ("seconds", "s")]), "",
+                          goals_table(result["goals"])])
 
 Every suite also gets --quick, --smoke, --device, --threads and --out (`common.add_common_arguments`).
 Files whose name starts with "_" and `common.py` are not suites; neither is a module without the

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import lora_diffusion.bench as bench
+from lora_diffusion.offline import use_offline_defaults
 from lora_diffusion.bench.common import (
     BenchError, add_common_arguments, check_device, check_finite, run_worker, size_of, write_result,
 )
@@ -30,12 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_worker":
         run_worker(*argv[1:4])
         return 0
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    use_offline_defaults()
     args = build_parser().parse_args(argv)
     mod = bench.get_suite(args.suite)
     try:

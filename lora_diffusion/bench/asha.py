@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from lora_diffusion.bench.common import (
-    BenchError, goal, goals_table, machine_info, machine_line, prepare_data, run_isolated, table, with_options,
+    BenchError, goal, goals_table, heading, machine_info, prepare_data, run_isolated, table, with_options,
 )
 from lora_diffusion.bench.ray_overhead import tune_sweep
 
@@ -119,10 +119,7 @@ def markdown(result: dict[str, Any]) -> str:
             ("trained_steps", "trained steps"), ("best_objective", "best val_loss"), ("best_lr", "best lr"),
             ("tuner_fit_s", "Tuner.fit s"), ("wall_s", "command s")]
     return "\n".join([
-        f"### Benchmark `asha` ({result['size']})",
-        "",
-        machine_line(result["machine"]),
-        "",
+        *heading(result),
         f"`lora_diffusion` on `{s['base']}`, {s['trials']} trials of {s['trial_steps']} steps (report + val_loss every "
         f"{s['trial_report_every']} steps on {s['val_examples']} validation examples), batch {s['batch_size']}, "
         f"seeded random search over {', '.join(s['params'])}; same configurations in both sweeps: "

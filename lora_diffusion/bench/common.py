@@ -450,6 +450,11 @@ def goals_table(goals: list[dict[str, Any]]) -> str:
     return table(rows, [("goal", "goal"), ("target", "target"), ("measured", "measured"), ("status", "status")])
 
 
+def heading(result: dict[str, Any], suffix: str = "") -> list[str]:
+    """The first lines of every suite's Markdown: its title (suite, size) and the machine line."""
+    return [f"### Benchmark `{result['suite']}` ({result['size']}){suffix}", "", machine_line(result["machine"]), ""]
+
+
 def machine_line(m: dict[str, Any]) -> str:
     dev = m["device"] if m["device"] == "cpu" else f"{m['device']} ({m['device_name']})"
     return (f"{m['date']} · {m['cpu_count']} CPUs ({m['cpus_usable']} usable) · torch {m['torch']} · "

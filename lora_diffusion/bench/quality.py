@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_diffusion.bench.common import (
-    BenchError, goal, goals_table, int_list, kill_children, machine_info, machine_line, resolve_data_dir, run_isolated,
+    BenchError, goal, goals_table, heading, int_list, kill_children, machine_info, resolve_data_dir, run_isolated,
     synthetic_sst2, table, with_options,
 )
 from lora_diffusion.config import METHOD_NAMES
@@ -551,10 +551,7 @@ def markdown(result: dict[str, Any]) -> str:
                          **{f"{k}_pm": f"{ref['trivial'][k]:.3f}" for k in TASK_METRICS[task] if k in ref["trivial"]}})
     n_eval = result["rows"][0]["n_eval"] if result["rows"] else 0
     lines = [
-        f"### Benchmark `quality` ({result['size']}): {task}",
-        "",
-        machine_line(result["machine"]),
-        "",
+        *heading(result, f": {task}"),
         f"Data: {s['data']}; base: {s['base']}. Every method: {s['steps']} steps x batch {s['batch_size']} x "
         f"{s['max_length']} tokens, unweighted masked-diffusion loss"
         + (f", on a {s['subset']}-example training subset" if s.get("subset") else "")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_diffusion.bench.common import (
-    BenchError, goal, goals_table, machine_info, machine_line, median, prepare_data, run_isolated, table, with_options,
+    BenchError, goal, goals_table, heading, machine_info, median, prepare_data, run_isolated, table, with_options,
 )
 
 NAME = "ray"
@@ -334,10 +334,7 @@ def markdown(result: dict[str, Any]) -> str:
              ("plain_trial_s", "plain trial s (before/after mean)"), ("per_trial_s", "Tune s / trial"),
              ("per_trial_overhead_s", "overhead s / trial"), ("one_off_s", "one-off s (Ray, MLflow, summary)")]
     return "\n".join([
-        f"### Benchmark `ray` ({result['size']})",
-        "",
-        machine_line(result["machine"]),
-        "",
+        *heading(result),
         f"`{s['method']}` on `{s['base']}`, batch {s['batch_size']} x {s['max_length']} tokens, {s['threads']} CPU(s) and "
         f"torch threads per worker, report (+ checkpoint) every {s['report_every']} steps; data: {s['data']}.",
         "",

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from lora_diffusion.bench.common import (
-    BenchError, goal, goals_table, int_list, machine_info, machine_line, median, sync, synthetic_batch, table,
+    BenchError, goal, goals_table, heading, int_list, machine_info, median, sync, synthetic_batch, table,
     with_options,
 )
 from lora_diffusion.config import METHOD_NAMES
@@ -146,10 +146,7 @@ def markdown(result: dict[str, Any]) -> str:
     cols = [("strategy", "commit rule"), ("steps", "steps"), ("model", "model"), ("ms_per_example", "ms / example"),
             ("x_base", "x base"), ("x_base_best", "x base (best times)"), ("tokens_per_s", "target tokens / s")]
     return "\n".join([
-        f"### Benchmark `sample` ({result['size']})",
-        "",
-        machine_line(result["machine"]),
-        "",
+        *heading(result),
         f"Base `{s['base']}`, {s['batch_size']} prompts x {s['seq_len']} tokens, target span {s['target_len']}; greedy "
         f"proposals, committing random positions (greedy) or the most confident (low_confidence); median of "
         f"{s['repeats']} rounds after a warm-up round, models alternating within each round.",

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_diffusion.bench.common import (
-    BenchError, PeakMemory, goal, goals_table, machine_info, machine_line, median, run_isolated, synthetic_batch,
+    BenchError, PeakMemory, goal, goals_table, heading, machine_info, median, run_isolated, synthetic_batch,
     table, time_calls, with_options,
 )
 from lora_diffusion.config import METHOD_NAMES, ConfigError, load_config
@@ -323,10 +323,7 @@ def markdown(result: dict[str, Any]) -> str:
             ("peak_mb", "peak MB"), ("mem_increase_mb", "+MB over model"), ("mem_increase_x_weight_lora", "mem x weight LoRA"),
             ("trainable", "trainable"), ("total", "total"), ("trainable_pct", "trainable %"), ("adapter_mb", "adapter MB")]
     out = [
-        f"### Benchmark `step` ({result['size']})",
-        "",
-        machine_line(result["machine"]),
-        "",
+        *heading(result),
         f"Base `{s['base']}`, batch {s['batch_size']} x {s['seq_len']} tokens (target span {s['target_len']}), "
         f"{s['precision']}, median of {s['steps']} steps after {s['warmup']} warm-up; memory: {result['rows'][0]['memory_kind']}"
         + (f"; overrides: {', '.join(s['overrides'])}." if s.get("overrides") else "."),
