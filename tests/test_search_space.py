@@ -488,9 +488,10 @@ def test_compare_methods_is_accuracy_against_trainable_parameters_across_six_met
 
 def test_a_new_constraint_is_one_class(monkeypatch):
     """A throw-away constraint (a sample budget: batch_size x max_steps <= 4096), added as one class to
-    CONSTRAINTS, is validated at load time, sampled by construction, checked in initial points and described."""
-    from lora_diffusion import search_space
-    from lora_diffusion.search_space import CONSTRAINTS, Constraint
+    CONSTRAINTS, is validated at load time, sampled by construction, checked in initial points and described.
+    The loader and the space read the list through its module, so patching `constraints.CONSTRAINTS` is the one change."""
+    from lora_diffusion.search_space import constraints
+    from lora_diffusion.search_space.constraints import CONSTRAINTS, Constraint
 
     class SampleBudget(Constraint):
         keys = ("train.batch_size", "train.max_steps")
@@ -526,7 +527,7 @@ def test_a_new_constraint_is_one_class(monkeypatch):
     unconstrained = space(body).sample(40)  # without the class, the ranges break the budget
     assert any(p["train.batch_size"] * p["train.max_steps"] > 4096 for p in unconstrained)
 
-    monkeypatch.setattr(search_space, "CONSTRAINTS", [*CONSTRAINTS, SampleBudget()])
+    monkeypatch.setattr(constraints, "CONSTRAINTS", [*CONSTRAINTS, SampleBudget()])
     s = space(body)
     assert [type(c).__name__ for c in s.constraints] == ["SampleBudget"]  # the built-in ones are not in force here
     sampled = s.sample(40)

@@ -9,7 +9,7 @@ the order of the steps below and the exit codes; the pieces it calls live beside
     python -m lora_diffusion.tune SPACE.yaml train.max_steps=50     # overrides of the space's base config
 
 What happens, top to bottom (`main`):
-1. The space file is loaded and validated, the base config resolved (search_space.py), the MLflow
+1. The space file is loaded and validated, the base config resolved (search_space/), the MLflow
    store, the data and the base model checked -- all before any cluster time is spent.
 2. Ray: a fresh local cluster (dashboard on 127.0.0.1, its address printed), or the cluster at
    $RAY_ADDRESS (e.g. the one cluster/ starts inside a SLURM allocation). On several nodes the
