@@ -1,330 +1,31 @@
-"""Experiment report: one self-contained HTML page comparing the trials of an MLflow experiment.
+"""The sections of the report page, one function each: it takes the `Sweep` and returns a `Section` (a
+title, an intro and its parts: plotly figures, HTML tables, `Note`s), or None where the section does not
+apply to this experiment. Below in this file's order; `page.build_report` puts them in page order.
 
-    python -m lora_diffusion.report --experiment NAME [--tracking-uri URI] --out report.html
-
-Reads MLflow alone (a sweep's parent run `run_type=sweep` and its trial runs, named as in the
-project's naming contract) and writes a page with: the best trials table; parallel coordinates of
-the searched parameters against the objective; the objective against trainable parameters per
-method (efficiency frontier); learning curves of the top trials; parameter importances (Optuna's
-fANOVA on an in-memory study built from the trials); and, for lora_diffusion trials, the
-loss per diffusion phase. For a seed study (`python -m lora_diffusion.compare`) the page opens with its
-table (mean ± std, 95 % intervals, paired tests against the baseline). Plots are plotly with plotly.js
-inlined: the page fetches nothing.
+best_table            the best trials, ranked by the objective, and the failed ones with their errors
+pareto_section        a two-objective sweep: its Pareto front (only when the sweep logged `sweep.objectives`)
+parallel_coordinates  the searched parameters against the objective, one plot per method
+efficiency_frontier   the objective against trainable parameters per method
+learning_curves       training and validation loss of the top trials
+importances           Optuna's fANOVA on an in-memory study built from the trials
+phase_losses          lora_diffusion trials: the loss per diffusion phase
+seed_study            a seed study (`python -m lora_diffusion.compare`): its table, the page's headline
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import html
 import json
 import math
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from lora_diffusion.config import PHASE_METRICS
+from lora_diffusion.report.sweep_data import Sweep, Trial, metric_history, scored
 from lora_diffusion.tracking import OBJECTIVE
 
 MIN_IMPORTANCE_TRIALS = 3  # fANOVA needs a few trials with different values to say anything
-# config keys that can differ between trials without being searched
-BOOKKEEPING = ("tracking.", "train.output_dir", "task.data_dir", "model.base_path")
-
-
-class ReportError(RuntimeError):
-    """The report cannot be made; the message names the experiment / store and what to do."""
-
-
-# --------------------------------------------------------------------------- reading MLflow
-
-
-@dataclass
-class Trial:
-    run_id: str
-    name: str
-    state: str  # FINISHED | FAILED | PRUNED | RUNNING | KILLED
-    method: str
-    task: str
-    params: dict[str, Any]
-    metrics: dict[str, float]
-    error: str | None = None
-    start_ms: int | None = None
-    end_ms: int | None = None
-
-    @property
-    def objective(self) -> float | None:
-        return self.metrics.get(OBJECTIVE)
-
-    @property
-    def trainable(self) -> float | None:
-        return self.metrics.get("trainable_params")
-
-
-@dataclass
-class Sweep:
-    experiment: str
-    experiment_id: str
-    tracking_uri: str  # as given (may hold a password: never shown)
-    shown_uri: str  # the URI with any password masked, for the page
-    metric: str  # the space's metric (what `objective` holds)
-    mode: str  # "min" | "max"
-    parents: list[Any]
-    trials: list[Trial]
-    searched: list[str]  # flat config keys that were searched
-    searched_source: str
-    log_keys: set[str] = field(default_factory=set)  # params searched on a log scale
-    notes: list[str] = field(default_factory=list)
-    # a two-objective sweep's (metric, mode) pairs, from the sweep run's `sweep.objectives`; the first is `objective`
-    objectives: list[tuple[str, str]] = field(default_factory=list)
-
-    def ranked(self) -> list[Trial]:
-        """Trials with an objective that did not fail, best first, then the others (in start order)."""
-        scored = _scored(self.trials)
-        scored.sort(key=lambda t: t.objective, reverse=self.mode == "max")
-        done = {t.run_id for t in scored}
-        return scored + [t for t in self.trials if t.run_id not in done]
-
-
-def parse_value(text: str | None) -> Any:
-    """An MLflow param string back to a Python value (int, float, bool, None, list or str)."""
-    if text is None:
-        return None
-    if text in ("None", "null"):
-        return None
-    if text in ("True", "true"):
-        return True
-    if text in ("False", "false"):
-        return False
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    if text.startswith("[") and text.endswith("]"):
-        try:
-            return json.loads(text.replace("'", '"'))
-        except ValueError:
-            return text
-    return text
-
-
-def _first(v: Any) -> Any:
-    """A space's metric / mode: a two-objective space lists two (the first is `objective`)."""
-    return v[0] if isinstance(v, list) and v else v
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def resolve_uri(uri: str | None) -> str:
-    from lora_diffusion.tracking import resolve_tracking_uri
-
-    return resolve_tracking_uri(uri)
-
-
-def _check_store(uri: str) -> None:
-    """The store exists (a report never creates one) and answers within seconds, as train and tune check it."""
-    from lora_diffusion.tracking import TrackingError, check_tracking_uri, redact_uri
-
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        if not path.exists():
-            raise ReportError(f"tracking URI {redact_uri(uri)}: no MLflow store at {str(path)!r}; "
-                              "pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the sweep's store")
-    try:
-        check_tracking_uri(uri)
-    except TrackingError as e:
-        raise ReportError(str(e)) from None
-
-
-def _all_runs(client, experiment_id: str) -> list[Any]:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def _space_from_parent(client, parents: list[Any]) -> dict | None:
-    """The search space the sweep logged on its parent run: the tuner logs the space file as
-    `space/<file>.yaml` (beside `space/base_config.yaml`); a bare `space.yaml` also counts."""
-    import os
-
-    import yaml
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bar in a CLI's output
-    for parent in parents:
-        run_id = parent.info.run_id
-        try:
-            paths = [a.path for a in client.list_artifacts(run_id, "space")] + ["space.yaml"]
-        except Exception:  # noqa: BLE001 - an artifact store we cannot list: no space
-            continue
-        for path in paths:
-            name = path.rsplit("/", 1)[-1]
-            if not name.endswith((".yaml", ".yml")) or name == "base_config.yaml":
-                continue
-            try:
-                space = yaml.safe_load(Path(client.download_artifacts(run_id, path)).read_text())
-            except Exception:  # noqa: BLE001 - missing or unreadable: try the next
-                continue
-            if isinstance(space, dict) and isinstance(space.get("params"), dict):
-                return space
-    return None
-
-
-def _parent_value(parents: list[Any], *names: str) -> str | None:
-    """The first of `names` found among the sweep runs' params or tags."""
-    for parent in parents:
-        for name in names:
-            for source in (parent.data.params, parent.data.tags):
-                if source.get(name):
-                    return source[name]
-    return None
-
-
-def _searched_from_parent(parents: list[Any], space: dict | None) -> tuple[list[str], str] | None:
-    """Keys the sweep searched: the space's `params` (keyed by flat config keys), else the sweep
-    run's `sweep.params` (or `searched_params`) param or tag (a list or comma-separated)."""
-    if space is not None and space.get("params"):
-        return [str(k) for k in space["params"]], "the sweep's space file"
-    raw = _parent_value(parents, "sweep.params", "searched_params")
-    if raw:
-        keys = parse_value(raw)
-        keys = keys if isinstance(keys, list) else [k.strip() for k in str(raw).split(",")]
-        return [str(k) for k in keys if str(k)], "the sweep run's sweep.params"
-    return None
-
-
-def _log_keys(space: dict | None) -> set[str]:
-    params = (space or {}).get("params")
-    if not isinstance(params, dict):
-        return set()
-    return {k for k, p in params.items() if isinstance(p, dict) and (p.get("type") == "log_float" or p.get("log"))}
-
-
-def metric_mode(metric: str) -> str:
-    """The natural direction of a metric name (from the tuner's metric table when it knows it)."""
-    try:
-        from lora_diffusion.search_space import KNOWN_METRICS
-    except ImportError:  # pragma: no cover - the tuner's module is part of the package
-        KNOWN_METRICS = {}
-    if metric in KNOWN_METRICS:
-        return KNOWN_METRICS[metric]
-    return "min" if "loss" in metric or "perplexity" in metric else "max"
-
-
-def varying_keys(trials: list[Trial]) -> list[str]:
-    """Flat config keys whose value differs between trials (bookkeeping keys left out)."""
-    keys = sorted({k for t in trials for k in t.params})
-    out = []
-    for k in keys:
-        if k.startswith(BOOKKEEPING):
-            continue
-        values = {json.dumps(t.params.get(k), sort_keys=True, default=str) for t in trials if k in t.params}
-        if len(values) > 1:
-            out.append(k)
-    return out
-
-
-def load_sweep(experiment: str, tracking_uri: str | None = None, metric: str | None = None,
-               mode: str | None = None) -> Sweep:
-    """Read an experiment's sweep parent(s) and trial runs from MLflow."""
-    from lora_diffusion.tracking import client as mlflow_client, redact_uri
-
-    uri = resolve_uri(tracking_uri)
-    _check_store(uri)
-    client = mlflow_client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = sorted(e.name for e in client.search_experiments(max_results=1000))
-        raise ReportError(f"experiment {experiment!r} not found in {redact_uri(uri)}; "
-                          f"experiments there: {', '.join(names) or '(none)'}")
-    runs = _all_runs(client, exp.experiment_id)
-    parents = [r for r in runs if r.data.tags.get("run_type") == "sweep"]
-    trial_runs = [r for r in runs if r.data.tags.get("run_type") in ("trial", "train")
-                  or (r.data.tags.get("run_type") is None and "mlflow.parentRunId" in r.data.tags)]
-    if not trial_runs:
-        raise ReportError(f"experiment {experiment!r} in {redact_uri(uri)} has no trial runs "
-                          f"({len(runs)} run(s), none tagged run_type=trial or train)")
-
-    trials = []
-    for r in sorted(trial_runs, key=lambda r: r.info.start_time or 0):
-        tags = r.data.tags
-        params = {k: parse_value(v) for k, v in r.data.params.items()}
-        trials.append(Trial(
-            run_id=r.info.run_id,
-            name=r.info.run_name or tags.get("ray_trial_id") or r.info.run_id[:8],
-            state=tags.get("trial_state") or r.info.status,
-            method=tags.get("method") or str(params.get("method.name", "?")),
-            task=tags.get("task") or str(params.get("task.name", "?")),
-            params=params,
-            metrics=dict(r.data.metrics),
-            error=tags.get("error"),
-            start_ms=r.info.start_time,
-            end_ms=r.info.end_time,
-        ))
-
-    notes = []
-    if len(parents) > 1:
-        notes.append(f"{len(parents)} sweep runs in this experiment; the report covers the trials of all of them.")
-    space = _space_from_parent(client, parents)
-    # the tuner logs the resolved metric and mode as params of the sweep run
-    space_metric = _parent_value(parents, "sweep.metric", "metric") or _first((space or {}).get("metric"))
-    space_mode = _parent_value(parents, "sweep.mode", "mode") or _first((space or {}).get("mode"))
-    has_objective = any(t.objective is not None for t in trials)
-    if metric is not None and metric != OBJECTIVE:
-        # compare on another logged metric: copy it into `objective` for every trial
-        if not any(metric in t.metrics for t in trials):
-            names = sorted({k for t in trials for k in t.metrics})
-            raise ReportError(f"--metric {metric!r}: no trial logged it; metrics logged: {', '.join(names)}")
-        for t in trials:
-            if metric in t.metrics:
-                t.metrics[OBJECTIVE] = t.metrics[metric]
-            else:
-                t.metrics.pop(OBJECTIVE, None)
-        space_metric, space_mode = metric, None
-    elif not has_objective:
-        names = sorted({k for t in trials for k in t.metrics})
-        raise ReportError(f"no trial of {experiment!r} logged the metric {OBJECTIVE!r}; pass --metric NAME "
-                          f"to compare on one of: {', '.join(names) or '(no metrics logged)'}")
-    metric_name = space_metric or OBJECTIVE
-    if mode is None and space_mode is None and metric_name == OBJECTIVE:
-        notes.append(f"The sweep did not record its metric or mode: assuming higher {OBJECTIVE} is better "
-                     "(pass --mode min if lower is).")
-    mode = mode or space_mode or metric_mode(metric_name)
-    if mode not in ("min", "max"):
-        raise ReportError(f"mode: got {mode!r}; allowed: min, max")
-
-    found = _searched_from_parent(parents, space)
-    if found is not None:
-        searched, source = found
-        searched = [k for k in searched if any(k in t.params for t in trials)]
-    else:
-        searched, source = varying_keys(trials), "the config keys that differ between trials"
-    return Sweep(experiment=experiment, experiment_id=exp.experiment_id, tracking_uri=uri, shown_uri=redact_uri(uri),
-                 metric=metric_name, mode=mode, parents=parents, trials=trials, searched=searched,
-                 searched_source=source, log_keys=_log_keys(space), notes=notes,
-                 objectives=_objectives(_parent_value(parents, "sweep.objectives")) if metric is None else [])
-
-
-def _objectives(raw: str | None) -> list[tuple[str, str]]:
-    """`sweep.objectives` ("eval_accuracy:max, trainable_params:min") as pairs; only a two-objective sweep's."""
-    pairs = [tuple(x.strip().rsplit(":", 1)) for x in (raw or "").split(",") if ":" in x]
-    return [(m, d) for m, d in pairs if d in ("min", "max")] if len(pairs) > 1 else []
-
-
-def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    from lora_diffusion.tracking import client as mlflow_client
-
-    hist = mlflow_client(resolve_uri(tracking_uri)).get_metric_history(run_id, key)
-    return sorted((m.step, m.value) for m in hist if math.isfinite(m.value))
-
-
-# --------------------------------------------------------------------------- the sections
 
 
 @dataclass
@@ -355,6 +56,10 @@ def _short(key: str) -> str:
 
 def _varies(trials: list[Trial], key: str) -> bool:
     return len({json.dumps(t.params.get(key), sort_keys=True, default=str) for t in trials}) > 1
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _fmt(v: Any) -> str:
@@ -421,10 +126,6 @@ def best_table(sweep: Sweep, top: int) -> Section:
     return Section("best", "Best trials", intro, parts)
 
 
-def _scored(trials: Iterable[Trial]) -> list[Trial]:
-    return [t for t in trials if t.objective is not None and t.state != "FAILED"]
-
-
 def _log_scale(sweep: Sweep, key: str, lo: float, hi: float) -> bool:
     """Log scale for params the space searched on one; without a space, for positive ranges over 100x."""
     if lo <= 0:
@@ -456,7 +157,7 @@ def parallel_coordinates(sweep: Sweep) -> Section:
     import plotly.graph_objects as go
 
     parts: list[Any] = []
-    groups = _groups(_scored(sweep.trials))
+    groups = _groups(scored(sweep.trials))
     for method, trials in groups.items():
         # axes: the searched parameters every trial of this method has and that differ between them
         keys = [k for k in sweep.searched if all(k in t.params for t in trials) and _varies(trials, k)]
@@ -500,7 +201,7 @@ def pareto_front(points: list[tuple[float, float]], mode: str) -> list[tuple[flo
 def efficiency_frontier(sweep: Sweep) -> Section:
     import plotly.graph_objects as go
 
-    trials = [t for t in _scored(sweep.trials) if t.trainable]
+    trials = [t for t in scored(sweep.trials) if t.trainable]
     intro = ("Objective against trainable parameters (log scale), one colour per method; the line links the "
              "trials that no trial with fewer parameters beats.")
     if not trials:
@@ -567,7 +268,7 @@ def learning_curves(sweep: Sweep, top: int) -> Section:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    best = _scored(sweep.ranked())[:top]
+    best = scored(sweep.ranked())[:top]
     intro = f"Training loss and validation loss against the step for the {top} best trials."
     if not best:
         return Section("curves", "Learning curves", intro, [Note("No trial has an objective yet.")])
@@ -618,7 +319,7 @@ def importances(sweep: Sweep, seed: int = 0) -> Section:
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
     parts: list[Any] = []
-    for method, trials in _groups(_scored(sweep.trials)).items():
+    for method, trials in _groups(scored(sweep.trials)).items():
         dists = _distributions(sweep, trials, sweep.searched)
         if len(trials) < MIN_IMPORTANCE_TRIALS or not dists:
             parts.append(Note(f"{method}: not enough to estimate importances — {len(trials)} scored trial(s) "
@@ -653,7 +354,7 @@ def phase_losses(sweep: Sweep, top: int) -> Section | None:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    lora = [t for t in _scored(sweep.ranked()) if t.method == "lora_diffusion"]
+    lora = [t for t in scored(sweep.ranked()) if t.method == "lora_diffusion"]
     if not lora:
         return None
     intro = ("Masked cross-entropy per diffusion phase (early t > b2, mid b1 < t &le; b2, late t &le; b1): "
@@ -727,120 +428,3 @@ def seed_study(sweep: Sweep) -> Section | None:
              "both finished; paired bootstrap over validation examples (per-example scores averaged over those seeds).")
     notes = [Note(f"[{i}] {reason}") for i, reason in enumerate(reasons, 1)]
     return Section("seed-study", title, intro, [table, *notes])
-
-
-# --------------------------------------------------------------------------- the page
-
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222;background:#fafafa}
-header{background:#263238;color:#fff;padding:18px 32px}
-header h1{margin:0 0 6px;font-size:22px} header p{margin:2px 0;font-size:13px;color:#cfd8dc}
-nav{padding:8px 32px;background:#eceff1;font-size:14px} nav a{margin-right:16px;color:#263238}
-main{padding:8px 32px 40px} section{background:#fff;border:1px solid #e0e0e0;border-radius:6px;margin:18px 0;padding:8px 18px 14px}
-h2{font-size:18px;margin:10px 0 4px} h3{font-size:15px} .intro{font-size:13px;color:#555;margin:0 0 10px}
-table.trials{border-collapse:collapse;font-size:12px;width:100%;overflow-x:auto;display:block}
-table.trials th,table.trials td{border-bottom:1px solid #eee;padding:4px 8px;text-align:right;white-space:nowrap}
-table.trials th{background:#f5f5f5;position:sticky;top:0} table.trials td:nth-child(2){text-align:left}
-tr.best td{background:#e8f5e9;font-weight:600} td.state-failed{color:#c62828} td.state-pruned{color:#8d6e63}
-p.note{background:#fff8e1;border-left:4px solid #ffb300;padding:8px 12px;font-size:13px}
-code{font-size:12px} .plot{min-height:200px}
-"""
-
-
-def _figure_html(fig, div_id: str) -> str:
-    import plotly.io as pio
-
-    return pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=div_id,
-                       config={"displaylogo": False, "responsive": True})
-
-
-def render(sweep: Sweep, sections: list[Section]) -> str:
-    """The whole page, plotly.js inlined once."""
-    from plotly.offline import get_plotlyjs
-
-    body, n = [], 0
-    for s in sections:
-        chunks = [f'<section id="{s.anchor}"><h2>{html.escape(s.title)}</h2><p class="intro">{s.intro}</p>']
-        for part in s.parts:
-            if isinstance(part, Note):
-                chunks.append(f'<p class="note">{html.escape(part.text)}</p>')
-            elif isinstance(part, str):
-                chunks.append(part)
-            else:
-                n += 1
-                chunks.append(f'<div class="plot" data-section="{s.anchor}">{_figure_html(part, f"plot-{n}")}</div>')
-        chunks.append("</section>")
-        body.append("".join(chunks))
-    nav = "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in sections)
-    parents = ", ".join(p.info.run_id for p in sweep.parents) or "(no sweep run)"
-    notes = "".join(f'<p class="note">{html.escape(t)}</p>' for t in sweep.notes)
-    generated = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(sweep.experiment)} — lora-diffusion report</title>
-<style>{CSS}</style>
-<script type="text/javascript">{get_plotlyjs()}</script>
-</head><body>
-<header><h1>Experiment {html.escape(sweep.experiment)}</h1>
-<p>MLflow store <code>{html.escape(sweep.shown_uri)}</code> · experiment id {html.escape(sweep.experiment_id)} ·
-sweep run {html.escape(parents)} · objective: {html.escape(sweep.metric)} ({sweep.mode}) · generated {generated}</p>
-<p>Open the runs in the MLflow UI: <code>mlflow ui --backend-store-uri {html.escape(sweep.shown_uri)} --host 127.0.0.1</code>
-then <code>http://127.0.0.1:5000/#/experiments/{html.escape(sweep.experiment_id)}/runs</code></p></header>
-<nav>{nav}</nav>
-<main>{notes}{"".join(body)}</main>
-</body></html>
-"""
-
-
-def build_report(experiment: str, tracking_uri: str | None = None, metric: str | None = None,
-                 mode: str | None = None, top: int = 5, top_table: int = 25) -> tuple[str, Sweep]:
-    """The report page for an MLflow experiment, and the sweep it was read from."""
-    sweep = load_sweep(experiment, tracking_uri, metric, mode)
-    sections = [best_table(sweep, top_table), parallel_coordinates(sweep), efficiency_frontier(sweep),
-                learning_curves(sweep, top), importances(sweep)]
-    pareto = pareto_section(sweep)
-    if pareto is not None:
-        sections.insert(1, pareto)
-    phases = phase_losses(sweep, top)
-    if phases is not None:
-        sections.append(phases)
-    study = seed_study(sweep)
-    if study is not None:  # a seed study: its table is the headline
-        sections.insert(0, study)
-    return render(sweep, sections), sweep
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lora_diffusion.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--experiment", required=True, help="MLflow experiment name (the sweep name)")
-    ap.add_argument("--tracking-uri", default=None,
-                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
-    ap.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
-    ap.add_argument("--metric", default=None,
-                    help=f"compare on this logged metric instead of {OBJECTIVE!r} (e.g. eval_accuracy)")
-    ap.add_argument("--mode", choices=("min", "max"), default=None,
-                    help="whether lower or higher is better (default: the sweep's mode, else min for losses)")
-    ap.add_argument("--top", type=int, default=5, help="trials in the learning-curve and phase plots (default 5)")
-    ap.add_argument("--top-table", type=int, default=25, help="rows of the best trials table (default 25)")
-    args = ap.parse_args(argv)
-    for name in ("top", "top_table"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}; must be >= 1")
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        ap.error(f"--out: folder {str(out.parent)!r} does not exist")
-    try:
-        page, sweep = build_report(args.experiment, args.tracking_uri, args.metric, args.mode, args.top,
-                                   args.top_table)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out.write_text(page, encoding="utf-8")
-    print(f"wrote {out} ({len(page) / 1e6:.1f} MB): {len(sweep.trials)} trials of {args.experiment!r}, "
-          f"objective {sweep.metric} ({sweep.mode})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
