@@ -101,6 +101,12 @@ class Denoiser(nn.Module):
         return self.mlm.base_model
 
     @property
+    def encoder_layers(self) -> list[nn.Module]:
+        """The transformer layers of a BERT-family backbone (`encoder.layer`), [] for any other layout; the
+        methods that change layers (adapters, prefix tuning) check what they need in each."""
+        return list(getattr(getattr(self.backbone, "encoder", None), "layer", None) or [])
+
+    @property
     def head_module(self) -> nn.Module:
         """The vocabulary head itself (what `head` applies), e.g. to hook or profile it."""
         return self._head

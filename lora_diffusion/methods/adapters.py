@@ -53,9 +53,8 @@ class AdaptedDense(nn.Module):
 
 def bert_layers(denoiser, method: str) -> list[nn.Module]:
     """The transformer layers of a BERT-family masked LM, or a ValueError naming what is supported."""
-    encoder = getattr(denoiser.backbone, "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    ok = layers is not None and len(layers) > 0 and all(
+    layers = denoiser.encoder_layers
+    ok = len(layers) > 0 and all(
         isinstance(getattr(getattr(getattr(layer, "attention", None), "output", None), "dense", None), (nn.Linear, AdaptedDense))
         and isinstance(getattr(getattr(layer, "output", None), "dense", None), (nn.Linear, AdaptedDense))
         and isinstance(getattr(layer.attention.output, "LayerNorm", None), nn.LayerNorm)
@@ -69,7 +68,7 @@ def bert_layers(denoiser, method: str) -> list[nn.Module]:
             "ELECTRA, MiniLM). "
             "Use lora_diffusion, weight_lora, bitfit or full_ft for this base."
         )
-    return list(layers)
+    return layers
 
 
 class HoulsbyAdapters(Adaptation):

@@ -100,10 +100,9 @@ class PrefixSelfAttention(nn.Module):
 
 def attention_layers(denoiser) -> list[nn.Module]:
     """The layers of a BERT-family masked LM (whose `.attention.self` gets prefixes), or a ValueError naming what is supported."""
-    layers = getattr(getattr(denoiser.backbone, "encoder", None), "layer", None)
     config = denoiser.mlm.config
     found = []
-    for layer in layers or []:
+    for layer in denoiser.encoder_layers:
         attn = getattr(getattr(layer, "attention", None), "self", None)
         if attn is None or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("query", "key", "value")):
             found = []
