@@ -171,6 +171,7 @@ def test_quality_smoke(tmp_path):
     (["sample", "--smoke", "--device", "tpu"], "--device 'tpu'"),
     (["quality", "--quick", "--data-dir", "/nonexistent/data"], "missing sst2/train.jsonl"),
     (["quality", "--smoke", "--lr", "bogus=1e-3"], "unknown method 'bogus'"),
+    (["quality", "--smoke", "--jobs", "0"], "--jobs 0: must be >= 1"),
     (["ray", "--smoke", "--steps", "4", "--report-every", "2"], "need at least 3 reports"),
     (["step", "--smoke", "--set", "model.base=minilm"], "only method.<method>.* and diffusion.* keys"),
 ])
@@ -293,6 +294,53 @@ def test_run_isolated_returns_the_child_result_and_reports_failures():
     assert out["device"] == "cpu" and out["cpu_count"] >= 1
     with pytest.raises(common.BenchError, match="failed"):
         common.run_isolated("lora_diffusion.bench.common:check_device", "tpu")
+
+
+def test_quality_runs_every_method_seed_pair_and_groups_them_in_table_order(monkeypatch):
+    """bench quality --jobs: one child per (method, seed), N at a time; finishing order does not matter."""
+    import threading
+    import time
+
+    from lora_diffusion.bench import quality
+
+    live, most = [], []
+    lock = threading.Lock()
+
+    def fake(func, spec, timeout, stream):
+        assert func.endswith(":train_eval") and len(spec["seeds"]) == 1
+        with lock:
+            live.append(1)
+            most.append(len(live))
+        time.sleep(0.05 if spec["method"] == "a" else 0.01)  # "a" finishes after "b"
+        with lock:
+            live.pop()
+        return {"method": spec["method"], "runs": [{"seed": spec["seeds"][0], "lr": spec["lr"]}]}
+
+    monkeypatch.setattr(quality, "run_isolated", fake)
+    out = quality.run_all({"methods": ["a", "b"], "seeds": [2, 0, 1], "lr": {"a": 1.0, "b": 2.0}, "jobs": 2})
+    assert [r["method"] for r in out] == ["a", "b"]
+    assert [[x["seed"] for x in r["runs"]] for r in out] == [[2, 0, 1], [2, 0, 1]]
+    assert out[1]["runs"][0]["lr"] == 2.0
+    assert max(most) == 2
+
+
+def test_quality_a_failed_run_stops_the_rest_and_kills_the_children(monkeypatch):
+    from lora_diffusion.bench import quality
+
+    started, killed = [], []
+
+    def fake(func, spec, timeout, stream):
+        started.append((spec["method"], spec["seeds"][0]))
+        if spec["method"] == "a":
+            raise common.BenchError("train_eval failed (exit 1)")
+        return {"method": spec["method"], "runs": [{"seed": spec["seeds"][0]}]}
+
+    monkeypatch.setattr(quality, "run_isolated", fake)
+    monkeypatch.setattr(quality, "kill_children", lambda: killed.append(True))
+    with pytest.raises(common.BenchError, match="failed"):
+        quality.run_all({"methods": ["a", "b"], "seeds": [0, 1, 2], "lr": {"a": 1.0, "b": 1.0}, "jobs": 1})
+    assert started[0] == ("a", 0) and len(started) < 6  # the queued runs were cancelled
+    assert killed
 
 
 # --------------------------------------------------------------------------- a new suite is one file

@@ -389,7 +389,10 @@ def run_isolated(func: str, spec: Any, timeout: float = 1800.0, env: dict[str, s
                 tail = (tail + [line])[-60:]
             proc.wait()
         except BaseException:  # Ctrl-C or an error here: the child (its own session) would outlive us
-            kill_children()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             raise
         finally:
             timer.cancel()
