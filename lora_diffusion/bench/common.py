@@ -343,13 +343,18 @@ def goal(name: str, measured: float, target: float, op: str = "<=", note: str = 
 _LIVE: set[int] = set()  # process groups of the children run_isolated is waiting for (any thread)
 
 
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group `pid` (a child started in its own session), if it still exists."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def kill_children() -> None:
     """SIGKILL every child process group `run_isolated` started and still waits for (by its id)."""
     for pid in list(_LIVE):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(pid)
 
 
 def run_isolated(func: str, spec: Any, timeout: float = 1800.0, env: dict[str, str] | None = None,
@@ -373,10 +378,7 @@ def run_isolated(func: str, spec: Any, timeout: float = 1800.0, env: dict[str, s
 
         def kill() -> None:
             timed_out.append(True)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_group(proc.pid)
 
         timer = threading.Timer(timeout, kill)
         timer.start()
@@ -389,10 +391,7 @@ def run_isolated(func: str, spec: Any, timeout: float = 1800.0, env: dict[str, s
                 tail = (tail + [line])[-60:]
             proc.wait()
         except BaseException:  # Ctrl-C or an error here: the child (its own session) would outlive us
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_group(proc.pid)
             raise
         finally:
             timer.cancel()
