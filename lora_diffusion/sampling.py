@@ -28,6 +28,7 @@ from one torch.Generator.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -88,11 +89,15 @@ def _unpack(batch):
 
 @torch.no_grad()
 def generate(adaptation, batch, sampling_cfg: SamplingConfig, mask_id: int, *,
-             diffusion_cfg: DiffusionConfig | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+             diffusion_cfg: DiffusionConfig | None = None, generator: torch.Generator | None = None,
+             on_logits: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Fill the target span of every row; returns input_ids (B, L) with the span generated.
 
     `batch` is the batch contract dict (or a tuple input_ids, attention_mask, target_mask
-    [, instruction_mask]); whatever the span holds on input is ignored.
+    [, instruction_mask]); whatever the span holds on input is ignored. `on_logits(step, t, positions,
+    logits)` sees each step's model output as it comes (logits (N, V) at the True positions of
+    `positions`, row by row; step 0 is the whole span masked): scoring reuses step 0 for rank
+    classification instead of a second forward.
     """
     cfg = sampling_cfg
     input_ids, attention_mask, target_mask, instruction_mask = _unpack(batch)
@@ -111,6 +116,7 @@ def generate(adaptation, batch, sampling_cfg: SamplingConfig, mask_id: int, *,
         block_of = torch.where(target_mask, torch.zeros_like(order), torch.full_like(order, -1))
         n_blocks = 1
 
+    step_index = 0
     for b, n_steps in enumerate(steps_per_block(cfg.steps, n_blocks)):
         in_block = block_of == b
         block_size = in_block.sum(1)  # (B,)
@@ -124,6 +130,9 @@ def generate(adaptation, batch, sampling_cfg: SamplingConfig, mask_id: int, *,
             frac = still.sum(1).float() / span_len.clamp_min(1).float()
             t = time_for_mask_fraction(frac, diffusion_cfg)
             logits = adaptation(x, t, attention_mask, instruction_mask, positions=still, target_mask=target_mask)
+            if on_logits is not None:
+                on_logits(step_index, t, still, logits)
+            step_index += 1
             logits = logits.float().index_fill(-1, torch.tensor([mask_id], device=device), float("-inf"))
             tokens, conf = propose(logits, cfg, generator)
             if cfg.remasking == "random":

@@ -16,7 +16,9 @@ reference, references, prediction, and for label tasks rank_prediction.
 Rank classification (as lm-eval-harness scores multiple choice): the whole target span is masked
 at t = 1 and, in one forward pass, each label word is scored by the log-likelihood of its span
 tokens (the word's tokens and the closing [SEP]) at their target positions; the best-scoring
-label is the answer. It needs no free generation, so it shows what the model knows even when
+label is the answer. That pass is the sampler's first step (the same input: whole span masked,
+t = 1), so rank classification costs no forward of its own; a sampler whose first step is not at
+t = 1 gets one. It needs no free generation, so it shows what the model knows even when
 its sampler emits no label word; it is reported beside the generated-label accuracy, never
 instead of it.
 
@@ -67,18 +69,29 @@ def evaluate(adaptation, tokenizer, cfg, split: str | None = None, limit: int | 
     try:
         with torch.no_grad():
             generator = torch.Generator(device=device).manual_seed(cfg.sampling.seed)
+            task = ds.task
+            candidates = (label_spans(tokenizer, task.label_words, int(cpu_batches[0]["target_mask"][0].sum()))
+                          if task.label_words and cpu_batches else None)
             texts: list[str] = []
+            ranked: list[int] | None = [] if candidates else None
             for batch in batches():
-                out = generate(adaptation, batch, cfg.sampling, mask_id, diffusion_cfg=cfg.diffusion, generator=generator)
+                first: list[torch.Tensor] = []
+
+                def keep_first(step, t, positions, logits, first=first):
+                    # step 0 sees the whole span masked; at t = 1 that is rank classification's own input
+                    if step == 0 and bool((t == 1.0).all()):
+                        first.append(logits)
+
+                out = generate(adaptation, batch, cfg.sampling, mask_id, diffusion_cfg=cfg.diffusion, generator=generator,
+                               on_logits=keep_first if candidates else None)
                 texts.extend(decode_targets(tokenizer, out.cpu(), batch["target_mask"].cpu()))
+                if candidates:
+                    scores = (scores_from_logits(first[0], batch["target_mask"].bool(), candidates) if first
+                              else rank_scores(adaptation, batch, candidates, mask_id))
+                    ranked.extend(scores.argmax(-1).tolist())
             denoise = denoising_accuracy(adaptation, batches(), cfg.sampling.denoise_t, mask_id,
                                          schedule=cfg.diffusion.schedule, seed=cfg.sampling.seed,
                                          exclude_ids=(tokenizer.sep_token_id, tokenizer.pad_token_id))
-            task = ds.task
-            ranked = None
-            if task.label_words:
-                candidates = label_spans(tokenizer, task.label_words, int(cpu_batches[0]["target_mask"][0].sum()))
-                ranked = [i for batch in batches() for i in rank_classify(adaptation, batch, candidates, mask_id).tolist()]
     finally:
         adaptation.train(was_training)
 
@@ -116,13 +129,19 @@ def rank_scores(adaptation, batch: dict, candidates: list[list[int]], mask_id: i
     x = batch["input_ids"].masked_fill(target, mask_id)
     t = torch.ones(x.shape[0], device=x.device)
     logits = adaptation(x, t, batch["attention_mask"], batch.get("instruction_mask"), positions=target, target_mask=target)
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V), rows in (example, position) order
+    return scores_from_logits(logits, target, candidates)
+
+
+def scores_from_logits(logits: torch.Tensor, target: torch.Tensor, candidates: list[list[int]]) -> torch.Tensor:
+    """(B, n candidates) log-likelihood of each candidate span, from the model's logits (N, V) at the target
+    positions (rows in (example, position) order) with the whole span masked at t = 1."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
     per_row = target.sum(1).tolist()
-    scores = torch.zeros(x.shape[0], len(candidates), device=x.device)
+    scores = torch.zeros(target.shape[0], len(candidates), device=logits.device)
     for b, rows in enumerate(torch.split(logp, per_row)):
         for j, cand in enumerate(candidates):
             k = min(len(cand), rows.shape[0])
-            scores[b, j] = rows[torch.arange(k, device=x.device), torch.tensor(cand[:k], device=x.device)].sum()
+            scores[b, j] = rows[torch.arange(k, device=logits.device), torch.tensor(cand[:k], device=logits.device)].sum()
     return scores
 
 

@@ -83,6 +83,30 @@ def test_evaluate_untrained_lora_diffusion_is_deterministic(sst2_dir, tmp_path, 
     assert 0.0 <= a[0]["accuracy"] <= 100.0 and a[0]["non_label_count"] + a[0]["accuracy"] * 6 / 100 <= 6
 
 
+@pytest.mark.parametrize("sampling", [["sampling.steps=1"], ["sampling.steps=3"], ["sampling.steps=2", "sampling.block_length=2"]])
+def test_rank_classification_reuses_the_samplers_first_step(sst2_dir, tmp_path, tiny_base, sampling):
+    """Rank classification's answers are those of its own forward pass (rank_classify), without that pass: the
+    sampler's first step is the same input (whole span masked, t = 1)."""
+    from lora_diffusion.data import collator_for, make_dataset
+    from lora_diffusion.methods import build_method
+    from lora_diffusion.scoring import label_spans, rank_classify
+
+    denoiser, tok = tiny_base
+    cfg = _cfg(sst2_dir, tmp_path, *sampling)
+    model = build_method(cfg.method, denoiser).eval()
+    ds = make_dataset(cfg, tok, "validation")
+    batch = collator_for(cfg, tok)([ds[i] for i in range(len(ds))])
+    candidates = label_spans(tok, ["negative", "positive"], int(batch["target_mask"][0].sum()))
+    with torch.no_grad():
+        want = [["negative", "positive"][i] for i in rank_classify(model, batch, candidates, tok.mask_token_id).tolist()]
+    calls = []
+    model.register_forward_hook(lambda module, args, kwargs, out: calls.append(1), with_kwargs=True)
+    _, preds = evaluate(model, tok, cfg, batch_size=4)
+    assert [p["rank_prediction"] for p in preds] == want
+    n_batches, n_t = 3, len(cfg.sampling.denoise_t)  # 10 rows in batches of 4
+    assert len(calls) == n_batches * (cfg.sampling.steps + n_t)  # generation and the paper's metric, no rank pass
+
+
 def test_write_outputs_and_table(tmp_path):
     m, p = write_eval_outputs(tmp_path / "out", {"accuracy": 50.0}, [{"prediction": "é"}])
     assert json.loads(m.read_text()) == {"accuracy": 50.0}
