@@ -324,6 +324,24 @@ def test_quality_runs_every_method_seed_pair_and_groups_them_in_table_order(monk
     assert max(most) == 2
 
 
+def test_quality_starts_the_longest_runs_first(monkeypatch):
+    """Runs start in order of their measured cost (full FT first, LoRA-Diffusion last; an unknown method first);
+    the table keeps the order given."""
+    from lora_diffusion.bench import quality
+
+    started = []
+
+    def fake(func, spec, timeout, stream):
+        started.append(spec["method"])
+        return {"method": spec["method"], "runs": [{"seed": spec["seeds"][0]}]}
+
+    monkeypatch.setattr(quality, "run_isolated", fake)
+    methods = ["lora_diffusion", "bitfit", "full_ft", "new_method", "adapters"]
+    out = quality.run_all({"methods": methods, "seeds": [0, 1], "lr": dict.fromkeys(methods, 1.0), "jobs": 1})
+    assert started == [m for m in ["new_method", "full_ft", "adapters", "bitfit", "lora_diffusion"] for _ in (0, 1)]
+    assert [r["method"] for r in out] == methods
+
+
 def test_quality_a_failed_run_stops_the_rest_and_kills_the_children(monkeypatch):
     from lora_diffusion.bench import quality
 

@@ -71,6 +71,12 @@ TASK_METRICS = {
 }
 HEADLINE = {name: task.headline for name, task in TASKS.items()}  # declared on each Task
 
+# Training seconds per run measured at the --quick budget (3-seed table, 2026-12-02, 2 runs at a time x 1 thread):
+# run_all starts the longest runs first, so the short ones fill the end instead of one long run alone on a
+# core (that run left a core idle for 8 min). A method not listed (a new one) starts first: its cost is unknown.
+RUN_COST_S = {"full_ft": 745, "weight_lora": 492, "adapters": 476, "prefix_tuning": 446, "bitfit": 430,
+              "lora_diffusion": 260}
+
 PRESETS = {
     "smoke": dict(base_model="builtin:tiny", pretrain_steps=0, pretrain_batch=8, max_length=48, batch_size=8, steps=6,
                   seeds=[0, 1], subset=64, eval_limit=None, threads=1, jobs=1, sampling_steps=2),
@@ -275,7 +281,8 @@ def train_eval(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_all(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Every (method, seed) run of spec["methods"] x spec["seeds"], spec["jobs"] at a time, each in its own
-    process (`train_eval`); the results grouped per method in the order given. A failed run stops the rest."""
+    process (`train_eval`), the longest first (`RUN_COST_S`); the results grouped per method in the order
+    given. A failed run stops the rest."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(method: str, seed: int) -> dict[str, Any]:
@@ -283,7 +290,8 @@ def run_all(spec: dict[str, Any]) -> list[dict[str, Any]]:
                             timeout=6 * 3600, stream=True)
 
     with ThreadPoolExecutor(max_workers=spec["jobs"]) as pool:
-        futures = {(m, seed): pool.submit(one, m, seed) for m in spec["methods"] for seed in spec["seeds"]}
+        longest_first = sorted(spec["methods"], key=lambda m: -RUN_COST_S.get(m, float("inf")))  # stable: ties keep order
+        futures = {(m, seed): pool.submit(one, m, seed) for m in longest_first for seed in spec["seeds"]}
         try:
             done = {key: f.result() for key, f in futures.items()}
         except BaseException:
