@@ -10,6 +10,12 @@ token is maskable, t ~ the schedule, loss = 1/t-weighted (ELBO) cross-entropy on
 normalised per token. The result is written with `model.save_base`: a folder every other command
 accepts as `model.base=<folder>`.
 
+`--train head` trains only the MLM head's own parameters (transform and output bias; a tied
+decoder stays the word embeddings), the encoder frozen: for a base whose head was never trained
+(`minilm`, a sentence-embedding model: its MLM head is random) that head becomes a read-out of
+the frozen encoder's states, at a fraction of a full step's cost. `--head-lr` gives the head its
+own learning rate in either mode.
+
 Corpus: the texts of the task files in `--data-dir` (each task's `corpus_fields`: sst2 `sentence`;
 squad `context`, `question`; xsum `document`, `summary`; files as the tasks resolve them, e.g. squad
 `train` -> dev_split/train.jsonl), and/or plain text files (`--text-file`, one text per non-empty line).
@@ -221,6 +227,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128, help="tokens per window, [CLS] and [SEP] included")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="learning rate of the MLM head's own parameters (default --lr); a base whose head was never "
+                        "trained (minilm) needs more than its encoder")
+    p.add_argument("--train", choices=("all", "head"), default="all",
+                   help="all: the whole model and the timestep embedding; head: only the MLM head's own parameters "
+                        "(the encoder, the tied word embeddings and the timestep embedding stay as they are: a "
+                        "forward without a graph through the encoder, so a step costs a fraction)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5 %% of --steps)")
     p.add_argument("--grad-clip", type=float, default=1.0)
@@ -254,6 +267,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise PretrainError(f"--threads: got {args.threads}; must be > 0")
     if not args.lr > 0:
         raise PretrainError(f"--lr: got {args.lr}; must be > 0")
+    if args.head_lr is not None and not args.head_lr > 0:
+        raise PretrainError(f"--head-lr: got {args.head_lr}; must be > 0")
     if not 0.0 <= args.sft_mix <= 1.0:
         raise PretrainError(f"--sft-mix: got {args.sft_mix}; must be in [0, 1]")
     if args.sft_mix > 0 and not args.data_dir:
@@ -268,13 +283,38 @@ def check_args(args: argparse.Namespace) -> None:
         raise PretrainError(f"--out {args.out!r} exists and is not empty; pass --overwrite to write into it")
 
 
-def lr_at(step: int, args) -> float:
-    """Linear warm-up, then cosine decay to 10 % of --lr."""
+def lr_at(step: int, args, peak: float | None = None) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak (default --lr)."""
+    peak = args.lr if peak is None else peak
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     if step < warmup:
-        return args.lr * (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, args.steps - warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def head_parameters(denoiser) -> list[torch.nn.Parameter]:
+    """The MLM head's own parameters: the head's, less any it shares with the input embeddings (a tied decoder)."""
+    shared = {id(p) for p in denoiser.mlm.get_input_embeddings().parameters()}
+    return [p for p in {id(p): p for p in denoiser.head_module.parameters()}.values() if id(p) not in shared]
+
+
+def parameter_groups(denoiser, args) -> list[dict]:
+    """AdamW groups: what trains (--train), with --head-lr for the head's own parameters, no decay on 1-d ones."""
+    head = {id(p) for p in head_parameters(denoiser)}
+    named = [(n, p) for n, p in denoiser.named_parameters() if args.train == "all" or id(p) in head]
+    for p in denoiser.parameters():
+        p.requires_grad_(False)
+    groups = []
+    for in_head in (False, True):
+        for decay in (True, False):
+            params = [p for n, p in named if (id(p) in head) == in_head and (p.ndim >= 2) == decay]
+            if params:
+                for p in params:
+                    p.requires_grad_(True)
+                groups.append({"params": params, "weight_decay": args.weight_decay if decay else 0.0,
+                               "peak_lr": (args.head_lr or args.lr) if in_head else args.lr})
+    return groups
 
 
 def pretrain(args: argparse.Namespace) -> Path:
@@ -300,17 +340,13 @@ def pretrain(args: argparse.Namespace) -> Path:
         raise PretrainError(f"--max-length: got {args.max_length}; {args.base} has {max_pos} positions")
     device = torch.device(args.device)
     denoiser.to(device).train()
-    for p in denoiser.parameters():
-        p.requires_grad_(True)
-    model = Adaptation(denoiser)  # the plain denoiser behind the method interface: every parameter trains
-    n_params = sum(p.numel() for p in {id(p): p for p in denoiser.parameters()}.values())
-    log.info("base %s: %d parameters, all training; vocabulary %d, [MASK] = %d",
-             args.base, n_params, denoiser.vocab_size, tokenizer.mask_token_id)
-
-    decay = [p for n, p in denoiser.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in denoiser.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    groups = parameter_groups(denoiser, args)
+    model = Adaptation(denoiser)  # the plain denoiser behind the method interface
+    unique = {id(p): p for p in denoiser.parameters()}.values()
+    n_params, n_train = sum(p.numel() for p in unique), sum(p.numel() for p in unique if p.requires_grad)
+    log.info("base %s: %d parameters, %d training (%s); vocabulary %d, [MASK] = %d", args.base, n_params, n_train,
+             "all" if args.train == "all" else "the MLM head only", denoiser.vocab_size, tokenizer.mask_token_id)
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     diff_cfg = DiffusionConfig(schedule=args.schedule, time=args.time, loss_weighting=args.weighting)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     pools = sft_pools(args, tokenizer) if args.sft_mix > 0 else []
@@ -325,12 +361,12 @@ def pretrain(args: argparse.Namespace) -> Path:
         t0 = time.perf_counter()
         batch = {k: v.to(device) for k, v in next(batches).items()}
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr_at(step, args, group["peak_lr"])
         loss, stats = diffusion_step_loss(model, batch, diff_cfg, tokenizer.mask_token_id, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(denoiser.parameters(), args.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.grad_clip)
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -342,7 +378,7 @@ def pretrain(args: argparse.Namespace) -> Path:
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             n = window["n"]
             last = {"step": step + 1, "loss": window["loss"] / n, "masked_acc": window["acc"] / n,
-                    "lr": opt.param_groups[0]["lr"], "tokens_per_s": window["tokens"] / max(window["time"], 1e-9)}
+                    "lr": opt.param_groups[0]["lr"], "head_lr": opt.param_groups[-1]["lr"], "tokens_per_s": window["tokens"] / max(window["time"], 1e-9)}
             log.info("step %d/%d  loss %.4f  masked acc %.3f  lr %.2e  %.0f tokens/s", last["step"], args.steps,
                      last["loss"], last["masked_acc"], last["lr"], last["tokens_per_s"])
             metrics_log.write(json.dumps(last) + "\n")
@@ -353,7 +389,7 @@ def pretrain(args: argparse.Namespace) -> Path:
     denoiser.eval().cpu()
     meta = {"pretrain": {
         "base": args.base, "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-        "lr": args.lr, "schedule": args.schedule, "time": args.time, "weighting": args.weighting, "seed": args.seed,
+        "lr": args.lr, "head_lr": args.head_lr or args.lr, "train": args.train, "schedule": args.schedule, "time": args.time, "weighting": args.weighting, "seed": args.seed,
         "tasks": args.tasks, "splits": args.splits, "text_files": [str(Path(f).name) for f in args.text_file],
         "sft_mix": args.sft_mix, "n_texts": len(args.texts), "final": last,
     }}

@@ -85,6 +85,21 @@ def test_same_seed_same_base_and_training_moves_the_weights(text_file, tmp_path)
                            a["bert.encoder.layer.0.attention.self.query.weight"])
 
 
+def test_train_head_moves_only_the_heads_own_weights(text_file, tmp_path):
+    """--train head: the transform and output bias move; the encoder, the tied word embeddings (the decoder) and
+    the timestep embedding stay bit for bit; --head-lr is recorded."""
+    assert pretrain.main(tiny_args(text_file, tmp_path / "h", "--train", "head", "--head-lr", "1e-2")) == 0
+    after = weights(tmp_path / "h")
+    start, _ = load_base(ModelConfig(base="builtin:tiny"))
+    before = {**{f"{k}": v for k, v in start.mlm.state_dict().items()},
+              **{k: v for k, v in start.time_embed.state_dict().items()}}
+    moved = {k for k in after if k in before and not torch.equal(after[k], before[k])}
+    assert moved and all(k.startswith("cls.predictions.") for k in moved), moved
+    assert "cls.predictions.transform.dense.weight" in moved and "cls.predictions.bias" in moved
+    meta = json.loads((tmp_path / "h" / "lora_diffusion_base.json").read_text())["pretrain"]
+    assert meta["train"] == "head" and meta["head_lr"] == 1e-2
+
+
 def test_text_batches_follow_the_batch_contract(text_file):
     from lora_diffusion.model import tiny_tokenizer
 
@@ -135,6 +150,7 @@ def test_sft_mix_adds_instruction_format_rows(tmp_path, text_file):
         (["--base", "/nonexistent/base", "--text-file", "{text}"], "--base '/nonexistent/base': folder does not exist"),
         (["--text-file", "{text}", "--sft-mix", "1.5"], "--sft-mix: got 1.5; must be in [0, 1]"),
         (["--text-file", "{text}", "--steps", "0"], "--steps: got 0; must be > 0"),
+        (["--text-file", "{text}", "--head-lr", "-1"], "--head-lr: got -1.0; must be > 0"),
         ([], "no corpus: give --data-dir"),
     ],
 )
