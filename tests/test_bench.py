@@ -160,6 +160,9 @@ def test_quality_smoke(tmp_path):
     assert 0.0 <= probe["label_position"] <= 1.0 and 0.0 <= probe["mean_prompt"] <= 1.0 and probe["n_eval"] == 64
     assert {g["goal"].split(" ")[0] for g in result["goals"]} == set(METHOD_NAMES)
     assert "reference: linear probe" in md and "reference: always the majority label" in md
+    work = sum((r["train_s"] + r["eval_s"]) * n_seeds for r in result["rows"])  # rows: mean seconds per run
+    assert result["settings"]["work_s"] == pytest.approx(work, rel=1e-6)
+    assert f"sum to {work / 60:.1f} min" in md
 
 
 # --------------------------------------------------------------------------- bad input: clear errors, nothing run

@@ -472,6 +472,8 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
         runs_s = time.perf_counter() - t0
 
     rows = [_row(r["method"], s["lr"][r["method"]], r["runs"], task) for r in results]
+    # the runs' own seconds: with `jobs` at a time no schedule of these runs ends before work_s / jobs
+    work_s = sum(x["train_s"] + x["eval_s"] for r in results for x in r["runs"])
     by = {r["method"]: r for r in rows}
     runs_by = {r["method"]: r["runs"] for r in results}
     head = HEADLINE[task]
@@ -511,7 +513,7 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
     return {
         "machine": machine_info(s["device"], s["threads"]),
         "settings": {**s, "data": data_desc, "base": base_desc, "pretrain_s": pretrain_s, "runs_s": runs_s,
-                     "wall_s": wall_s,
+                     "wall_s": wall_s, "work_s": work_s,
                      "recipe": {m: RECIPE[m] for m in s["methods"] if m in RECIPE}},
         "rows": rows,
         "reference": reference,
@@ -567,7 +569,10 @@ def markdown(result: dict[str, Any]) -> str:
         + f", seeds {', '.join(map(str, s['seeds']))}; evaluated on {n_eval} validation examples, {s['sampling_steps']} "
         f"reverse step(s) (greedy, low-confidence commits). {s.get('jobs', 1)} run(s) at a time x {s['threads']} torch "
         f"thread(s), so train/eval seconds are per run under that sharing; the whole suite took "
-        f"{s.get('wall_s', 0) / 60:.1f} min. Scores are fractions of generated text; p vs LD: the paired "
+        f"{s.get('wall_s', 0) / 60:.1f} min"
+        + (f" (the runs' own train + eval seconds sum to {s['work_s'] / 60:.1f} min: with {s.get('jobs', 1)} at a time "
+           f"no schedule of them ends before {s['work_s'] / 60 / s.get('jobs', 1):.1f} min)" if "work_s" in s else "")
+        + ". Scores are fractions of generated text; p vs LD: the paired "
         "t-test over seeds (same seed = same data subset and order) and a paired bootstrap over validation "
         "examples (each example's correctness averaged over the seeds)."
         + "".join(f" {m} also sets {', '.join(o)}." for m, o in s.get("recipe", {}).items()),
