@@ -165,6 +165,18 @@ def test_quality_smoke(tmp_path):
     assert f"sum to {work / 60:.1f} min" in md
 
 
+def test_quality_learning_curve_scores_every_checkpoint(tmp_path):
+    """--curve-every N: each run's checkpoints at N, 2N, ... are scored on the validation examples; the last point
+    is the run's own final figures; the Markdown gets a curve table."""
+    result, md = run_suite("quality", tmp_path, "--methods", "bitfit", "--seeds", "0", "--no-probe", "--curve-every", "2")
+    (row,) = result["rows"]
+    points = row["curves"]["0"]
+    assert [p["step"] for p in points] == [2, 4, 6]
+    assert all(0.0 <= p["accuracy"] <= 1.0 and 0.0 <= p["rank_accuracy"] <= 1.0 and p["loss"] > 0 for p in points)
+    assert points[-1]["accuracy"] == row["accuracy"] and points[-1]["rank_accuracy"] == row["rank_accuracy"]
+    assert "Learning curves (accuracy" in md and "| step 2 | step 4 | step 6 |" in md
+
+
 # --------------------------------------------------------------------------- bad input: clear errors, nothing run
 
 
@@ -175,6 +187,8 @@ def test_quality_smoke(tmp_path):
     (["quality", "--quick", "--data-dir", "/nonexistent/data"], "missing sst2/train.jsonl"),
     (["quality", "--smoke", "--lr", "bogus=1e-3"], "unknown method 'bogus'"),
     (["quality", "--smoke", "--jobs", "0"], "--jobs 0: must be >= 1"),
+    (["quality", "--smoke", "--curve-every", "0"], "--curve-every 0: must be >= 1"),
+    (["quality", "--smoke", "--curve-every", "7"], "--curve-every 7: must be <= --steps (6)"),
     (["ray", "--smoke", "--steps", "4", "--report-every", "2"], "need at least 3 reports"),
     (["step", "--smoke", "--set", "model.base=minilm"], "only method.<method>.* and diffusion.* keys"),
 ])

@@ -111,6 +111,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, help="runs (method, seed) at once, each in its own process with --threads "
                    "torch threads (quick: 2 jobs x 1 thread, measured faster on 2 cores than 1 x 2)")
     p.add_argument("--no-probe", action="store_true", help="sst2: skip the linear-probe reference row")
+    p.add_argument("--curve-every", type=int, help="also score the checkpoint of every N steps on the same validation "
+                   "examples: a learning curve per run (each point costs one evaluation)")
 
 
 def _positive_int(flag: str, text: str) -> int:
@@ -131,8 +133,11 @@ def _settings(args: argparse.Namespace, size: str) -> dict[str, Any]:
         preset.update({k: TASK_SIZES[args.task][k] for k in ("max_length", "sampling_steps")})
     if args.pretrain_steps is not None and args.pretrain_steps < 0:
         raise BenchError(f"--pretrain-steps {args.pretrain_steps}: must be >= 1 (or 0: no pretraining)")
-    s = with_options(preset, args, ("base_model", "pretrain_steps", "steps", "batch_size", "subset", "eval_limit", "jobs"),
-                     positive=("steps", "batch_size", "subset", "eval_limit", "jobs"))
+    s = with_options({**preset, "curve_every": None}, args,
+                     ("base_model", "pretrain_steps", "steps", "batch_size", "subset", "eval_limit", "jobs", "curve_every"),
+                     positive=("steps", "batch_size", "subset", "eval_limit", "jobs", "curve_every"))
+    if s["curve_every"] is not None and s["curve_every"] > s["steps"]:
+        raise BenchError(f"--curve-every {s['curve_every']}: must be <= --steps ({s['steps']})")
     s["task"] = args.task
     if s["threads"] is None:
         s["threads"] = os.cpu_count() or 1
@@ -215,7 +220,7 @@ def _run_config(spec: dict[str, Any], seed: int, work: Path):
             f"task.data_dir={spec['data_dir']}", f"task.cache_dir={Path(spec['work']) / 'cache'}",
             f"task.seed={seed}", f"method.name={spec['method']}", f"train.seed={seed}",
             f"train.lr={spec['lr']}", f"train.batch_size={spec['batch_size']}", f"train.max_steps={spec['steps']}",
-            f"train.warmup_steps={max(1, spec['steps'] // 10)}", f"train.report_every={max(1, spec['steps'] // 2)}",
+            f"train.warmup_steps={max(1, spec['steps'] // 10)}", f"train.report_every={spec.get('curve_every') or max(1, spec['steps'] // 2)}",
             "train.eval_at_end=false", f"train.torch_threads={spec['threads']}", f"train.cpus_per_worker={spec['threads']}",
             f"train.gpus_per_worker={1.0 if spec['device'].startswith('cuda') else 0.0}", "diffusion.loss_weighting=none",
             f"train.output_dir={work}", f"sampling.steps={spec['sampling_steps']}", "tracking.enabled=false"]
@@ -267,6 +272,8 @@ def train_eval(spec: dict[str, Any]) -> dict[str, Any]:
         }
         for key in TASK_METRICS[spec["task"]]:
             run[key] = float(metrics.get(key, float("nan"))) / 100.0
+        if spec.get("curve_every"):
+            run["curve"] = curve(spec, cfg, reporter, {**run, "step": spec["steps"]})
         if "rank_accuracy" in metrics:  # per-example correctness, for paired tests over examples
             run["correct"] = [int(p["prediction"].strip().lower() in {r.lower() for r in p["references"]}) for p in predictions]
             run["rank_correct"] = [int(p["rank_prediction"] in p["references"]) for p in predictions]
@@ -277,6 +284,27 @@ def train_eval(spec: dict[str, Any]) -> dict[str, Any]:
               + f", denoise_acc {run['denoise_acc']:.3f}, {train_s:.0f} s training, {eval_s:.0f} s evaluation", flush=True)
         shutil.rmtree(work, ignore_errors=True)
     return {"method": spec["method"], "runs": runs}
+
+
+def curve(spec: dict[str, Any], cfg, reporter, final: dict[str, Any]) -> list[dict[str, Any]]:
+    """The learning curve of one run: every kept checkpoint before the last scored like the final adapter
+    (same examples and sampler), then the final run's own figures. Points: step, loss and the task's metrics."""
+    from lora_diffusion.adapter import load_adapter
+    from lora_diffusion.scoring import evaluate
+
+    keys = [k for k in TASK_METRICS[spec["task"]] if not k.startswith("denoise")]
+    points = []
+    for report, folder in list(zip(reporter.reports, reporter.checkpoints))[:-1]:
+        adaptation, tokenizer, _ = load_adapter(str(folder / "adapter"), base=spec["base"])
+        if spec["device"].startswith("cuda"):
+            adaptation.to(spec["device"])
+        metrics, _ = evaluate(adaptation, tokenizer, cfg)
+        points.append({"step": int(report["step"]), "loss": float(report["loss"]),
+                       **{k: float(metrics[k]) / 100.0 for k in keys if k in metrics}})
+        print(f"[quality] {spec['method']} seed {spec['seeds'][0]} step {points[-1]['step']}: "
+              + ", ".join(f"{k} {points[-1][k]:.3f}" for k in keys if k in points[-1]), flush=True)
+    points.append({"step": final["step"], "loss": final["final_loss"], **{k: final[k] for k in keys}})
+    return points
 
 
 def run_all(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -441,6 +469,8 @@ def _row(method: str, lr: float, runs: list[dict[str, Any]], task: str) -> dict[
         if len(vals) > 1:
             row[f"{key}_ci95"] = list(ci95(vals))
     row["accuracy_per_seed"] = row.get("per_seed_accuracy")
+    if all("curve" in x for x in runs):
+        row["curves"] = {str(x["seed"]): x["curve"] for x in runs}
     return row
 
 
@@ -579,6 +609,16 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         table(rows, cols),
     ]
+    curves = [(r["method"], seed, points) for r in result["rows"] for seed, points in r.get("curves", {}).items()]
+    if curves:
+        head = HEADLINE[task]
+        steps = sorted({p["step"] for _, _, points in curves for p in points})
+        lines += ["", f"Learning curves ({head} of the checkpoint at each step, the same {n_eval} validation examples; "
+                  "the learning rate follows one schedule over all the steps):", "",
+                  table([{"method": m, "seed": seed, **{f"s{p['step']}": f"{p[head]:.3f}" for p in points},
+                          "loss": f"{points[-1]['loss']:.3f}"} for m, seed, points in curves],
+                        [("method", "method"), ("seed", "seed"), *[(f"s{n}", f"step {n}") for n in steps],
+                         ("loss", "final loss")])]
     if result["goals"]:
         lines += ["", goals_table(result["goals"])]
     return "\n".join(lines)
