@@ -13,7 +13,8 @@ accepts as `model.base=<folder>`.
 `--train head` trains only the MLM head's own parameters (transform and output bias; a tied
 decoder stays the word embeddings), the encoder frozen: for a base whose head was never trained
 (`minilm`, a sentence-embedding model: its MLM head is random) that head becomes a read-out of
-the frozen encoder's states, at a fraction of a full step's cost. `--head-lr` gives the head its
+the frozen encoder's states, with no backward pass through the encoder (the vocabulary projection
+over the masked tokens remains, and on a CPU it is most of a step). `--head-lr` gives the head its
 own learning rate in either mode.
 
 Corpus: the texts of the task files in `--data-dir` (each task's `corpus_fields`: sst2 `sentence`;
@@ -232,8 +233,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "trained (minilm) needs more than its encoder")
     p.add_argument("--train", choices=("all", "head"), default="all",
                    help="all: the whole model and the timestep embedding; head: only the MLM head's own parameters "
-                        "(the encoder, the tied word embeddings and the timestep embedding stay as they are: a "
-                        "forward without a graph through the encoder, so a step costs a fraction)")
+                        "(the encoder, the tied word embeddings and the timestep embedding stay as they are: no "
+                        "backward pass through the encoder)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5 %% of --steps)")
     p.add_argument("--grad-clip", type=float, default=1.0)
@@ -378,7 +379,8 @@ def pretrain(args: argparse.Namespace) -> Path:
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             n = window["n"]
             last = {"step": step + 1, "loss": window["loss"] / n, "masked_acc": window["acc"] / n,
-                    "lr": opt.param_groups[0]["lr"], "head_lr": opt.param_groups[-1]["lr"], "tokens_per_s": window["tokens"] / max(window["time"], 1e-9)}
+                    "lr": opt.param_groups[0]["lr"], "head_lr": opt.param_groups[-1]["lr"],
+                    "tokens_per_s": window["tokens"] / max(window["time"], 1e-9)}
             log.info("step %d/%d  loss %.4f  masked acc %.3f  lr %.2e  %.0f tokens/s", last["step"], args.steps,
                      last["loss"], last["masked_acc"], last["lr"], last["tokens_per_s"])
             metrics_log.write(json.dumps(last) + "\n")
@@ -389,7 +391,8 @@ def pretrain(args: argparse.Namespace) -> Path:
     denoiser.eval().cpu()
     meta = {"pretrain": {
         "base": args.base, "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-        "lr": args.lr, "head_lr": args.head_lr or args.lr, "train": args.train, "schedule": args.schedule, "time": args.time, "weighting": args.weighting, "seed": args.seed,
+        "lr": args.lr, "head_lr": args.head_lr or args.lr, "train": args.train, "schedule": args.schedule,
+        "time": args.time, "weighting": args.weighting, "seed": args.seed,
         "tasks": args.tasks, "splits": args.splits, "text_files": [str(Path(f).name) for f in args.text_file],
         "sft_mix": args.sft_mix, "n_texts": len(args.texts), "final": last,
     }}

@@ -220,7 +220,8 @@ def _run_config(spec: dict[str, Any], seed: int, work: Path):
             f"task.data_dir={spec['data_dir']}", f"task.cache_dir={Path(spec['work']) / 'cache'}",
             f"task.seed={seed}", f"method.name={spec['method']}", f"train.seed={seed}",
             f"train.lr={spec['lr']}", f"train.batch_size={spec['batch_size']}", f"train.max_steps={spec['steps']}",
-            f"train.warmup_steps={max(1, spec['steps'] // 10)}", f"train.report_every={spec.get('curve_every') or max(1, spec['steps'] // 2)}",
+            f"train.warmup_steps={max(1, spec['steps'] // 10)}",
+            f"train.report_every={spec.get('curve_every') or max(1, spec['steps'] // 2)}",
             "train.eval_at_end=false", f"train.torch_threads={spec['threads']}", f"train.cpus_per_worker={spec['threads']}",
             f"train.gpus_per_worker={1.0 if spec['device'].startswith('cuda') else 0.0}", "diffusion.loss_weighting=none",
             f"train.output_dir={work}", f"sampling.steps={spec['sampling_steps']}", "tracking.enabled=false"]
