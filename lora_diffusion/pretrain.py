@@ -303,13 +303,13 @@ def head_parameters(denoiser) -> list[torch.nn.Parameter]:
 def parameter_groups(denoiser, args) -> list[dict]:
     """AdamW groups: what trains (--train), with --head-lr for the head's own parameters, no decay on 1-d ones."""
     head = {id(p) for p in head_parameters(denoiser)}
-    named = [(n, p) for n, p in denoiser.named_parameters() if args.train == "all" or id(p) in head]
+    trained = [p for p in denoiser.parameters() if args.train == "all" or id(p) in head]  # tied ones once
     for p in denoiser.parameters():
         p.requires_grad_(False)
     groups = []
     for in_head in (False, True):
         for decay in (True, False):
-            params = [p for n, p in named if (id(p) in head) == in_head and (p.ndim >= 2) == decay]
+            params = [p for p in trained if (id(p) in head) == in_head and (p.ndim >= 2) == decay]
             if params:
                 for p in params:
                     p.requires_grad_(True)

@@ -237,8 +237,6 @@ def train_eval(spec: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune `spec["method"]` once per seed, reload the final adapter, evaluate on the validation split."""
     import torch
 
-    from lora_diffusion.adapter import load_adapter
-    from lora_diffusion.scoring import evaluate
     from lora_diffusion.train_reporters import LocalReporter
     from lora_diffusion.train import train_loop
 
@@ -254,10 +252,7 @@ def train_eval(spec: dict[str, Any]) -> dict[str, Any]:
         train_s = time.perf_counter() - t0
         last = reporter.reports[-1]
         t0 = time.perf_counter()
-        adaptation, tokenizer, _ = load_adapter(str(reporter.checkpoints[-1] / "adapter"), base=spec["base"])
-        if spec["device"].startswith("cuda"):
-            adaptation.to(spec["device"])
-        metrics, predictions = evaluate(adaptation, tokenizer, cfg)
+        metrics, predictions = score_checkpoint(spec, cfg, reporter.checkpoints[-1])
         eval_s = time.perf_counter() - t0
         refs = Counter(p["reference"] for p in predictions)
         preds = Counter(p["prediction"] for p in predictions)
@@ -274,7 +269,7 @@ def train_eval(spec: dict[str, Any]) -> dict[str, Any]:
         for key in TASK_METRICS[spec["task"]]:
             run[key] = float(metrics.get(key, float("nan"))) / 100.0
         if spec.get("curve_every"):
-            run["curve"] = curve(spec, cfg, reporter, {**run, "step": spec["steps"]})
+            run["curve"] = curve(spec, cfg, reporter, run)
         if "rank_accuracy" in metrics:  # per-example correctness, for paired tests over examples
             run["correct"] = [int(p["prediction"].strip().lower() in {r.lower() for r in p["references"]}) for p in predictions]
             run["rank_correct"] = [int(p["rank_prediction"] in p["references"]) for p in predictions]
@@ -287,24 +282,30 @@ def train_eval(spec: dict[str, Any]) -> dict[str, Any]:
     return {"method": spec["method"], "runs": runs}
 
 
-def curve(spec: dict[str, Any], cfg, reporter, final: dict[str, Any]) -> list[dict[str, Any]]:
-    """The learning curve of one run: every kept checkpoint before the last scored like the final adapter
-    (same examples and sampler), then the final run's own figures. Points: step, loss and the task's metrics."""
+def score_checkpoint(spec: dict[str, Any], cfg, folder: Path) -> tuple[dict[str, float], list[dict]]:
+    """(metrics, predictions) of the adapter in a checkpoint folder, reloaded as a user would (`load_adapter`)."""
     from lora_diffusion.adapter import load_adapter
     from lora_diffusion.scoring import evaluate
 
+    adaptation, tokenizer, _ = load_adapter(str(folder / "adapter"), base=spec["base"])
+    if spec["device"].startswith("cuda"):
+        adaptation.to(spec["device"])
+    return evaluate(adaptation, tokenizer, cfg)
+
+
+def curve(spec: dict[str, Any], cfg, reporter, final: dict[str, Any]) -> list[dict[str, Any]]:
+    """The learning curve of one run: every kept checkpoint before the last scored like the final adapter
+    (same examples and sampler), then the final run's own figures (`final`, scored already). Points: step,
+    loss and the task's metrics."""
     keys = [k for k in TASK_METRICS[spec["task"]] if not k.startswith("denoise")]
     points = []
     for report, folder in list(zip(reporter.reports, reporter.checkpoints))[:-1]:
-        adaptation, tokenizer, _ = load_adapter(str(folder / "adapter"), base=spec["base"])
-        if spec["device"].startswith("cuda"):
-            adaptation.to(spec["device"])
-        metrics, _ = evaluate(adaptation, tokenizer, cfg)
+        metrics, _ = score_checkpoint(spec, cfg, folder)
         points.append({"step": int(report["step"]), "loss": float(report["loss"]),
                        **{k: float(metrics[k]) / 100.0 for k in keys if k in metrics}})
         print(f"[quality] {spec['method']} seed {spec['seeds'][0]} step {points[-1]['step']}: "
               + ", ".join(f"{k} {points[-1][k]:.3f}" for k in keys if k in points[-1]), flush=True)
-    points.append({"step": final["step"], "loss": final["final_loss"], **{k: final[k] for k in keys}})
+    points.append({"step": spec["steps"], "loss": final["final_loss"], **{k: final[k] for k in keys}})
     return points
 
 
