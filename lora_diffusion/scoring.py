@@ -24,7 +24,8 @@ instead of it.
 
 Generation follows cfg.sampling (see sampling.py) with one generator seeded by sampling.seed,
 so the same adapter, data and config give the same predictions. Runs under torch.no_grad in eval
-mode (the module's previous mode is restored).
+mode (the module's previous mode is restored), in the precision it was trained in (cfg.train.precision,
+as autocast: `precision.autocast_for`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 
 from lora_diffusion.data import collator_for, make_dataset
 from lora_diffusion.metrics import denoising_accuracy
+from lora_diffusion.precision import autocast_for
 from lora_diffusion.sampling import decode_targets, generate
 
 
@@ -67,7 +69,7 @@ def evaluate(adaptation, tokenizer, cfg, split: str | None = None, limit: int | 
     was_training = adaptation.training
     adaptation.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast_for(cfg.train.precision, device):
             generator = torch.Generator(device=device).manual_seed(cfg.sampling.seed)
             task = ds.task
             candidates = (label_spans(tokenizer, task.label_words, int(cpu_batches[0]["target_mask"][0].sum()))

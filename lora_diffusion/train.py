@@ -55,6 +55,7 @@ from torch import nn
 from lora_diffusion.checkpoint import load_checkpoint, read_train_state, save_checkpoint
 from lora_diffusion.config import PHASE_METRICS, Config, ConfigError, check_writable_folder, config_from_dict, load_config
 from lora_diffusion.diffusion import diffusion_step_loss
+from lora_diffusion.precision import autocast_for
 from lora_diffusion.ray_runtime import start_ray
 
 
@@ -134,13 +135,6 @@ def cosine_with_warmup(warmup_steps: int, max_steps: int):
 def step_seed(seed: int, rank: int, step: int) -> int:
     """Seed of the noise (t, masks) and dropout of one optimizer step on one rank: resumable by step alone."""
     return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1)
-
-
-def autocast_for(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -163,6 +163,7 @@ def test_quality_smoke(tmp_path):
     work = sum((r["train_s"] + r["eval_s"]) * n_seeds for r in result["rows"])  # rows: mean seconds per run
     assert result["settings"]["work_s"] == pytest.approx(work, rel=1e-6)
     assert f"sum to {work / 60:.1f} min" in md
+    assert result["settings"]["precision"] == "fp32" and "fp32 (training and evaluation)" in md
 
 
 def test_quality_learning_curve_scores_every_checkpoint(tmp_path):
@@ -311,6 +312,27 @@ def test_run_isolated_returns_the_child_result_and_reports_failures():
     assert out["device"] == "cpu" and out["cpu_count"] >= 1
     with pytest.raises(common.BenchError, match="failed"):
         common.run_isolated("lora_diffusion.bench.common:check_device", "tpu")
+
+
+@pytest.mark.parametrize("size, flag, native, expected", [
+    ("--quick", [], True, "bf16"), ("--quick", [], False, "fp32"), ("--smoke", [], True, "fp32"),
+    ("--quick", ["--precision", "fp32"], True, "fp32"), ("--smoke", ["--precision", "bf16"], True, "bf16"),
+    ("--quick", ["--precision", "auto"], False, "fp32"),
+])
+def test_quality_precision_auto_is_bf16_where_native_and_reaches_every_run(monkeypatch, tmp_path, size, flag, native,
+                                                                           expected):
+    """--quick resolves --precision auto to bf16 only where the device computes it natively; the resolved value is
+    every run's train.precision (training and evaluation)."""
+    from lora_diffusion.bench import __main__ as bench_main
+    from lora_diffusion.bench import quality
+
+    monkeypatch.setattr(quality, "native_bf16", lambda device: native)
+    args = bench_main.build_parser().parse_args(["quality", size, *flag])
+    s = quality._settings(args, "quick" if size == "--quick" else "smoke")
+    assert s["precision"] == expected
+    spec = {**s, "base": "builtin:tiny", "data_dir": str(tmp_path), "work": str(tmp_path), "method": "bitfit",
+            "lr": 1e-3}
+    assert quality._run_config(spec, 0, tmp_path).train.precision == expected
 
 
 def test_quality_runs_every_method_seed_pair_and_groups_them_in_table_order(monkeypatch):

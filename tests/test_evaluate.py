@@ -107,6 +107,22 @@ def test_rank_classification_reuses_the_samplers_first_step(sst2_dir, tmp_path, 
     assert len(calls) == n_batches * (cfg.sampling.steps + n_t)  # generation and the paper's metric, no rank pass
 
 
+@pytest.mark.parametrize("precision, autocast", [("fp32", False), ("bf16", True)])
+def test_evaluation_runs_in_the_training_precision(sst2_dir, tmp_path, tiny_base, precision, autocast):
+    """Every forward of the evaluation (generation, rank classification, the paper's metric) runs under
+    train.precision's autocast, as the training step did."""
+    from lora_diffusion.methods import build_method
+
+    denoiser, tok = tiny_base
+    model = build_method(_cfg(sst2_dir, tmp_path).method, denoiser)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.is_autocast_enabled("cpu")))
+    metrics, _ = evaluate(model, tok, _cfg(sst2_dir, tmp_path, f"train.precision={precision}"), limit=4)
+    assert seen and set(seen) == {autocast}
+    assert 0.0 <= metrics["accuracy"] <= 100.0 and 0.0 <= metrics["rank_accuracy"] <= 100.0
+    assert not torch.is_autocast_enabled("cpu")  # only inside
+
+
 def test_write_outputs_and_table(tmp_path):
     m, p = write_eval_outputs(tmp_path / "out", {"accuracy": 50.0}, [{"prediction": "é"}])
     assert json.loads(m.read_text()) == {"accuracy": 50.0}

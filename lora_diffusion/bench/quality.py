@@ -5,7 +5,8 @@
    learn SST-2), or one built by `python -m lora_diffusion.pretrain` when `--pretrain-steps N` > 0.
    The base is the same for every method.
 2. Every method is fine-tuned with the same budget (steps, batch, sequence length, data subset and
-   order per seed, unweighted masked-diffusion loss) and its own learning rate (`LR` below,
+   order per seed, unweighted masked-diffusion loss, precision: `--precision`, for --quick bf16 autocast
+   where the CPU computes bf16 natively, `precision.native_bf16`) and its own learning rate (`LR` below,
    `--lr method=value` to change) by the project's training loop (`train.train_loop`, `LocalReporter`,
    no Ray), one process per (method, seed) run, `--jobs` of them at a time (--smoke: one process for all).
 3. The final adapter is reloaded from its checkpoint folder (`adapter.load_adapter`) and evaluated
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ from lora_diffusion.bench.common import (
 )
 from lora_diffusion.config import METHOD_NAMES
 from lora_diffusion.methods import METHODS
+from lora_diffusion.precision import native_bf16
 from lora_diffusion.stats import ci95, mean_std, paired_bootstrap, paired_t_test
 from lora_diffusion.tasks import TASKS
 
@@ -79,11 +82,11 @@ RUN_COST_S = {"full_ft": 745, "weight_lora": 492, "adapters": 476, "prefix_tunin
 
 PRESETS = {
     "smoke": dict(base_model="builtin:tiny", pretrain_steps=0, pretrain_batch=8, max_length=48, batch_size=8, steps=6,
-                  seeds=[0, 1], subset=64, eval_limit=None, threads=1, jobs=1, sampling_steps=2),
+                  seeds=[0, 1], subset=64, eval_limit=None, threads=1, jobs=1, sampling_steps=2, precision="fp32"),
     "quick": dict(base_model="minilm", pretrain_steps=0, pretrain_batch=32, max_length=64, batch_size=16, steps=500,
-                  seeds=[0, 1, 2], subset=4096, eval_limit=None, threads=1, jobs=2, sampling_steps=1),
+                  seeds=[0, 1, 2], subset=4096, eval_limit=None, threads=1, jobs=2, sampling_steps=1, precision="auto"),
     "full": dict(base_model="minilm", pretrain_steps=0, pretrain_batch=64, max_length=128, batch_size=32, steps=2000,
-                 seeds=[0, 1, 2], subset=None, eval_limit=None, threads=None, jobs=1, sampling_steps=1),
+                 seeds=[0, 1, 2], subset=None, eval_limit=None, threads=None, jobs=1, sampling_steps=1, precision="auto"),
 }
 # Per task: what replaces the SST-2 preset for --quick (about 30 min for all six methods on 2 cores: one
 # seed, 200 steps of batch 8 over longer sequences, 200 validation examples generated).
@@ -110,6 +113,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="learning rate of one method")
     p.add_argument("--jobs", type=int, help="runs (method, seed) at once, each in its own process with --threads "
                    "torch threads (quick: 2 jobs x 1 thread, measured faster on 2 cores than 1 x 2)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="training and evaluation precision of every run (quick/full: auto = bf16 autocast where the "
+                   "device computes bf16 natively (a CPU with AMX or AVX-512 BF16, a bf16 GPU), else fp32; smoke: fp32)")
     p.add_argument("--no-probe", action="store_true", help="sst2: skip the linear-probe reference row")
     p.add_argument("--curve-every", type=int, help="also score the checkpoint of every N steps on the same validation "
                    "examples: a learning curve per run (each point costs one evaluation)")
@@ -170,6 +176,11 @@ def _settings(args: argparse.Namespace, size: str) -> dict[str, Any]:
         raise BenchError(f"--pretrain-sft-mix {args.pretrain_sft_mix}: must be in [0, 1)")
     s["pretrain_sft_mix"] = args.pretrain_sft_mix
     s["device"] = args.device
+    precision = args.precision or s["precision"]
+    if precision == "bf16" and not native_bf16(args.device):
+        print(f"[quality] --precision bf16 on {args.device}: this device has no native bf16 (CPU: AMX or AVX-512 BF16), "
+              "so it is emulated and slower than fp32", flush=True)
+    s["precision"] = ("bf16" if native_bf16(args.device) else "fp32") if precision == "auto" else precision
     s["probe"] = args.task == "sst2" and not args.no_probe
     return s
 
@@ -224,7 +235,8 @@ def _run_config(spec: dict[str, Any], seed: int, work: Path):
             f"train.report_every={spec.get('curve_every') or max(1, spec['steps'] // 2)}",
             "train.eval_at_end=false", f"train.torch_threads={spec['threads']}", f"train.cpus_per_worker={spec['threads']}",
             f"train.gpus_per_worker={1.0 if spec['device'].startswith('cuda') else 0.0}", "diffusion.loss_weighting=none",
-            f"train.output_dir={work}", f"sampling.steps={spec['sampling_steps']}", "tracking.enabled=false"]
+            f"train.output_dir={work}", f"sampling.steps={spec['sampling_steps']}", "tracking.enabled=false",
+            f"train.precision={spec.get('precision', 'fp32')}"]
     over += RECIPE.get(spec["method"], [])
     if spec.get("subset"):
         over.append(f"task.subset_size={spec['subset']}")
@@ -313,8 +325,6 @@ def run_all(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Every (method, seed) run of spec["methods"] x spec["seeds"], spec["jobs"] at a time, each in its own
     process (`train_eval`), the longest first (`RUN_COST_S`); the results grouped per method in the order
     given. A failed run stops the rest."""
-    from concurrent.futures import ThreadPoolExecutor
-
     def one(method: str, seed: int) -> dict[str, Any]:
         return run_isolated(f"{__name__}:train_eval", {**spec, "method": method, "lr": spec["lr"][method], "seeds": [seed]},
                             timeout=6 * 3600, stream=True)
@@ -492,16 +502,19 @@ def run(args: argparse.Namespace, size: str) -> dict[str, Any]:
         base, base_desc, pretrain_s = _resolve_base(args, s, data_dir, work)
         common = {**s, "base": base, "data_dir": data_dir, "work": work}
         reference: dict[str, Any] = {}
-        if s["probe"]:
-            reference["probe"] = run_isolated(f"{__name__}:probe", common, timeout=3600, stream=True)
         if task != "sst2":
             reference["trivial"] = run_isolated(f"{__name__}:trivial_baseline", common, timeout=3600)
-        t0 = time.perf_counter()
-        if size == "smoke":
-            results = run_isolated(f"{__name__}:train_eval_many", common, timeout=3600, stream=True)
-        else:
-            results = run_all(common)
-        runs_s = time.perf_counter() - t0
+        with ThreadPoolExecutor(max_workers=1) as beside:
+            # the probe (one process, fp32, ~2 min) runs beside the first runs instead of before them all
+            probed = beside.submit(run_isolated, f"{__name__}:probe", common, timeout=3600, stream=True) if s["probe"] else None
+            t0 = time.perf_counter()
+            if size == "smoke":
+                results = run_isolated(f"{__name__}:train_eval_many", common, timeout=3600, stream=True)
+            else:
+                results = run_all(common)
+            runs_s = time.perf_counter() - t0
+            if probed is not None:
+                reference["probe"] = probed.result()
 
     rows = [_row(r["method"], s["lr"][r["method"]], r["runs"], task) for r in results]
     # the runs' own seconds: with `jobs` at a time no schedule of these runs ends before work_s / jobs
@@ -596,7 +609,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         *heading(result, f": {task}"),
         f"Data: {s['data']}; base: {s['base']}. Every method: {s['steps']} steps x batch {s['batch_size']} x "
-        f"{s['max_length']} tokens, unweighted masked-diffusion loss"
+        f"{s['max_length']} tokens, unweighted masked-diffusion loss, {s.get('precision', 'fp32')} (training and evaluation)"
         + (f", on a {s['subset']}-example training subset" if s.get("subset") else "")
         + f", seeds {', '.join(map(str, s['seeds']))}; evaluated on {n_eval} validation examples, {s['sampling_steps']} "
         f"reverse step(s) (greedy, low-confidence commits). {s.get('jobs', 1)} run(s) at a time x {s['threads']} torch "
