@@ -161,7 +161,9 @@ class TrainConfig(_Section):
     max_steps: int = Field(100, gt=0, description="optimizer steps")
     warmup_steps: int = Field(10, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32", description="auto: bf16 where the device computes it natively (a CPU with AMX or AVX-512 BF16, a "
+        "bf16 GPU), else fp32")
     report_every: int = Field(10, gt=0)
     eval_at_end: bool = True
     eval_batch_size: int = Field(32, gt=0)

@@ -1,7 +1,7 @@
 """Precision: the autocast context of one `train.precision` on one device, and whether bf16 is native there.
 
     with autocast_for(cfg.train.precision, device):   # fp32: nothing; bf16 / fp16: torch.autocast
-        loss = ...
+        loss = ...                                    # auto: bf16 where native_bf16(device), else fp32
 
 The training step and the evaluation (`scoring.evaluate`) both run under it, so an adapter is scored
 in the precision it was trained in. fp16 needs a GPU (a grad scaler; train.py refuses it on CPU); an
@@ -20,13 +20,21 @@ import contextlib
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+def resolve(precision: str, device: torch.device | str) -> str:
+    """fp32, bf16 or fp16: `precision` itself, or for auto bf16 where the device computes it natively, else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: got {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
 
 
 def autocast_for(precision: str, device: torch.device):
     """The context to run a forward pass in `precision` on `device`."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: got {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    precision = resolve(precision, device)
     if precision == "fp32" or (precision == "fp16" and device.type != "cuda"):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

@@ -56,6 +56,7 @@ from lora_diffusion.checkpoint import load_checkpoint, read_train_state, save_ch
 from lora_diffusion.config import PHASE_METRICS, Config, ConfigError, check_writable_folder, config_from_dict, load_config
 from lora_diffusion.diffusion import diffusion_step_loss
 from lora_diffusion.precision import autocast_for
+from lora_diffusion.precision import resolve as resolve_precision
 from lora_diffusion.ray_runtime import start_ray
 
 
@@ -242,7 +243,7 @@ def train_loop(loop_config: dict[str, Any], reporter) -> dict[str, Any]:
     rank, world = reporter.world_rank, reporter.world_size
     torch.set_num_threads(tc.torch_threads or tc.cpus_per_worker)  # Ray set OMP_NUM_THREADS to the reserved CPUs
     device = _trainer_device(cfg, reporter)
-    _check_precision(tc.precision, device)
+    _check_precision(resolve_precision(tc.precision, device), device)
     trial_name = loop_config.get("trial_name") or reporter.run_name
     labels = {"trial": trial_name, "task": cfg.task.name, "method": cfg.method.name}
 

@@ -49,3 +49,20 @@ def test_native_bf16_on_cuda_needs_a_bf16_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert native_bf16(torch.device("cuda:0")) is True
     assert precision.native_bf16("meta") is False
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_is_bf16_only_where_native(monkeypatch, native, expected):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    assert precision.resolve("auto", CPU) == expected
+    assert precision.resolve("fp16", CPU) == "fp16"  # explicit values stay as given (train.py refuses fp16 on CPU)
+    with autocast_for("auto", CPU):
+        assert torch.is_autocast_enabled("cpu") is native
+
+
+def test_config_takes_auto_and_names_the_allowed_values():
+    from lora_diffusion.config import ConfigError, load_config
+
+    assert load_config(None, ["train.precision=auto"]).train.precision == "auto"
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_config(None, ["train.precision=fp8"])

@@ -74,11 +74,11 @@ TASK_METRICS = {
 }
 HEADLINE = {name: task.headline for name, task in TASKS.items()}  # declared on each Task
 
-# Training seconds per run measured at the --quick budget (3-seed table, 2026-12-02, 2 runs at a time x 1 thread):
+# Training seconds per run measured at the --quick budget (3-seed table, 2026-12-02, bf16, 2 runs at a time x 1 thread):
 # run_all starts the longest runs first, so the short ones fill the end instead of one long run alone on a
 # core (that run left a core idle for 8 min). A method not listed (a new one) starts first: its cost is unknown.
-RUN_COST_S = {"full_ft": 745, "weight_lora": 492, "adapters": 476, "prefix_tuning": 446, "bitfit": 430,
-              "lora_diffusion": 260}
+RUN_COST_S = {"full_ft": 533, "adapters": 295, "weight_lora": 284, "prefix_tuning": 266, "bitfit": 230,
+              "lora_diffusion": 99}
 
 PRESETS = {
     "smoke": dict(base_model="builtin:tiny", pretrain_steps=0, pretrain_batch=8, max_length=48, batch_size=8, steps=6,
