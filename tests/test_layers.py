@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lora_diffusion"
 LAYERS: dict[str, int] = {
     # 1. the method core: configs, tasks and data, the denoiser, the methods, sampling and scoring, adapter files
     **dict.fromkeys(("config", "tasks", "metrics", "stats", "diffusion", "collator", "data", "model", "methods",
-                     "adapter", "checkpoint", "sampling", "scoring", "offline"), 1),
+                     "adapter", "checkpoint", "sampling", "scoring", "offline", "precision"), 1),
     # 2. one training run: the loop, where it reports, what it records
     **dict.fromkeys(("train", "train_reporters", "tracking", "live_metrics", "system_metrics", "faults",
                      "ray_runtime", "model_card"), 2),
