@@ -243,7 +243,11 @@ def train_loop(loop_config: dict[str, Any], reporter) -> dict[str, Any]:
     rank, world = reporter.world_rank, reporter.world_size
     torch.set_num_threads(tc.torch_threads or tc.cpus_per_worker)  # Ray set OMP_NUM_THREADS to the reserved CPUs
     device = _trainer_device(cfg, reporter)
-    _check_precision(resolve_precision(tc.precision, device), device)
+    precision = resolve_precision(tc.precision, device)
+    _check_precision(precision, device)
+    if precision != tc.precision:  # auto: the checkpoints' config, the model card and the evaluation name what ran
+        cfg = config_from_dict({**loop_config["config"], "train": {**loop_config["config"]["train"], "precision": precision}})
+        tc = cfg.train
     trial_name = loop_config.get("trial_name") or reporter.run_name
     labels = {"trial": trial_name, "task": cfg.task.name, "method": cfg.method.name}
 

@@ -326,7 +326,9 @@ def test_quality_precision_auto_is_bf16_where_native_and_reaches_every_run(monke
     from lora_diffusion.bench import __main__ as bench_main
     from lora_diffusion.bench import quality
 
-    monkeypatch.setattr(quality, "native_bf16", lambda device: native)
+    from lora_diffusion import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
     args = bench_main.build_parser().parse_args(["quality", size, *flag])
     s = quality._settings(args, "quick" if size == "--quick" else "smoke")
     assert s["precision"] == expected

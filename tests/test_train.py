@@ -184,6 +184,24 @@ def test_bf16_autocast_on_cpu(data_dir, tmp_path):
     assert torch.isfinite(torch.tensor(out["loss"]))
 
 
+@pytest.mark.parametrize("native, ran", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_resolved_on_the_device_and_recorded_as_what_ran(native, ran, data_dir, tmp_path, monkeypatch):
+    """train.precision=auto trains in bf16 only where the device computes it natively; the checkpoint's config and
+    the adapter's model card name the precision that ran, not 'auto'."""
+    from lora_diffusion import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    seen = []
+    real = precision.autocast_for
+    monkeypatch.setattr("lora_diffusion.train.autocast_for", lambda p, d: (seen.append(precision.resolve(p, d)), real(p, d))[1])
+    cfg = load_config(None, tiny_overrides(data_dir, "train.precision=auto", "train.max_steps=2", "train.report_every=2"))
+    rep, out = run(cfg, tmp_path / "auto")
+    assert seen and set(seen) == {ran}
+    ckpt = rep.checkpoints[-1]
+    assert load_config(ckpt / "config.yaml").train.precision == ran
+    assert f"seed 0, {ran})" in (ckpt / "adapter" / "README.md").read_text()
+
+
 def test_example_configs_load():
     folder = Path(__file__).resolve().parents[1] / "lora_diffusion" / "configs"
     files = sorted(folder.glob("*.yaml"))

@@ -6,7 +6,7 @@
    The base is the same for every method.
 2. Every method is fine-tuned with the same budget (steps, batch, sequence length, data subset and
    order per seed, unweighted masked-diffusion loss, precision: `--precision`, for --quick bf16 autocast
-   where the CPU computes bf16 natively, `precision.native_bf16`) and its own learning rate (`LR` below,
+   where the CPU computes bf16 natively, `precision.resolve`) and its own learning rate (`LR` below,
    `--lr method=value` to change) by the project's training loop (`train.train_loop`, `LocalReporter`,
    no Ray), one process per (method, seed) run, `--jobs` of them at a time (--smoke: one process for all).
 3. The final adapter is reloaded from its checkpoint folder (`adapter.load_adapter`) and evaluated
@@ -50,7 +50,7 @@ from lora_diffusion.bench.common import (
 )
 from lora_diffusion.config import METHOD_NAMES
 from lora_diffusion.methods import METHODS
-from lora_diffusion.precision import native_bf16
+from lora_diffusion import precision as amp
 from lora_diffusion.stats import ci95, mean_std, paired_bootstrap, paired_t_test
 from lora_diffusion.tasks import TASKS
 
@@ -177,10 +177,10 @@ def _settings(args: argparse.Namespace, size: str) -> dict[str, Any]:
     s["pretrain_sft_mix"] = args.pretrain_sft_mix
     s["device"] = args.device
     precision = args.precision or s["precision"]
-    if precision == "bf16" and not native_bf16(args.device):
+    if precision == "bf16" and not amp.native_bf16(args.device):
         print(f"[quality] --precision bf16 on {args.device}: this device has no native bf16 (CPU: AMX or AVX-512 BF16), "
               "so it is emulated and slower than fp32", flush=True)
-    s["precision"] = ("bf16" if native_bf16(args.device) else "fp32") if precision == "auto" else precision
+    s["precision"] = amp.resolve(precision, args.device)
     s["probe"] = args.task == "sst2" and not args.no_probe
     return s
 
