@@ -55,8 +55,7 @@ from torch import nn
 from lora_diffusion.checkpoint import load_checkpoint, read_train_state, save_checkpoint
 from lora_diffusion.config import PHASE_METRICS, Config, ConfigError, check_writable_folder, config_from_dict, load_config
 from lora_diffusion.diffusion import diffusion_step_loss
-from lora_diffusion.precision import autocast_for
-from lora_diffusion.precision import resolve as resolve_precision
+from lora_diffusion.precision import autocast_for, resolve as resolve_precision
 from lora_diffusion.ray_runtime import start_ray
 
 

@@ -323,10 +323,9 @@ def test_quality_precision_auto_is_bf16_where_native_and_reaches_every_run(monke
                                                                            expected):
     """--quick resolves --precision auto to bf16 only where the device computes it natively; the resolved value is
     every run's train.precision (training and evaluation)."""
+    from lora_diffusion import precision
     from lora_diffusion.bench import __main__ as bench_main
     from lora_diffusion.bench import quality
-
-    from lora_diffusion import precision
 
     monkeypatch.setattr(precision, "native_bf16", lambda device: native)
     args = bench_main.build_parser().parse_args(["quality", size, *flag])

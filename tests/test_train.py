@@ -192,8 +192,12 @@ def test_auto_precision_is_resolved_on_the_device_and_recorded_as_what_ran(nativ
 
     monkeypatch.setattr(precision, "native_bf16", lambda device: native)
     seen = []
-    real = precision.autocast_for
-    monkeypatch.setattr("lora_diffusion.train.autocast_for", lambda p, d: (seen.append(precision.resolve(p, d)), real(p, d))[1])
+
+    def recording_autocast(p, device):  # what each training step's autocast resolves to
+        seen.append(precision.resolve(p, device))
+        return precision.autocast_for(p, device)
+
+    monkeypatch.setattr("lora_diffusion.train.autocast_for", recording_autocast)
     cfg = load_config(None, tiny_overrides(data_dir, "train.precision=auto", "train.max_steps=2", "train.report_every=2"))
     rep, out = run(cfg, tmp_path / "auto")
     assert seen and set(seen) == {ran}
